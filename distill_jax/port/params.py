@@ -29,15 +29,10 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     }
 
 
-def load_flat_params(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> None:
-    """Writes arrays into the model's ``nnx.Param`` leaves in place, keeping their dtype.
-
-    Every leaf must be given exactly once and with its shape; the error lists all problems.
-    """
-    state = nnx.state(model, nnx.Param)
-    leaves = dict((_key(p), v) for p, v in nnx.to_flat_state(state))
-    problems = [f"missing {k!r} {tuple(v.get_value().shape)}" for k, v in leaves.items()
-                if k not in flat]
+def _check(leaves: Mapping[str, nnx.Variable], flat: Mapping[str, np.ndarray]) -> None:
+    problems = [
+        f"missing {k!r} {tuple(v.get_value().shape)}" for k, v in leaves.items() if k not in flat
+    ]
     problems += [f"unexpected {k!r}" for k in flat if k not in leaves]
     problems += [
         f"{k!r} has shape {tuple(np.shape(flat[k]))}, expected {tuple(v.get_value().shape)}"
@@ -48,5 +43,29 @@ def load_flat_params(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> None:
         from distill_jax.port.table import PortError
 
         raise PortError("loading parameters", problems)
+
+
+def load_flat_params(model: nnx.Module, flat: Mapping[str, np.ndarray]) -> None:
+    """Writes arrays into the model's ``nnx.Param`` leaves in place, keeping their dtype.
+
+    Every leaf must be given exactly once and with its shape; the error lists all problems.
+    """
+    leaves = dict((_key(p), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    _check(leaves, flat)
     for k, v in leaves.items():
         v.set_value(jax.numpy.asarray(flat[k], dtype=v.get_value().dtype))
+
+
+def from_flat_params(abstract: nnx.Module, flat: Mapping[str, np.ndarray]) -> nnx.Module:
+    """A concrete model from an abstract one (``nnx.eval_shape``) and its parameters.
+
+    No random initialisation is run: every leaf comes from ``flat``, cast to the leaf's dtype.
+    """
+    graphdef, state = nnx.split(abstract)
+    leaves = dict((_key(p), v) for p, v in nnx.to_flat_state(state))
+    _check(leaves, flat)
+    for k, v in leaves.items():
+        if not isinstance(v, nnx.Param):
+            raise TypeError(f"{k!r} is a {type(v).__name__}, only nnx.Param leaves can be filled")
+        v.set_value(jax.numpy.asarray(flat[k], dtype=v.get_value().dtype))
+    return nnx.merge(graphdef, state)
