@@ -21,7 +21,7 @@ from distill_jax.models.autoencoder import (
     down_block_channels,
     up_block_channels,
 )
-from distill_jax.port.params import flat_params, load_flat_params, param_shapes
+from distill_jax.port.params import flat_params, from_flat_params, param_shapes
 from distill_jax.port.table import CONV, Rule, linear, rule, to_source, to_target
 
 
@@ -102,11 +102,9 @@ def autoencoder_from_diffusers(
     def build() -> Autoencoder:
         return Autoencoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
-    shapes = param_shapes(nnx.eval_shape(build))
-    flat = to_target(state_dict, autoencoder_rules(cfg), shapes, what="autoencoder")
-    model = build()
-    load_flat_params(model, flat)  # casts each leaf to param_dtype
-    return model
+    abstract = nnx.eval_shape(build)
+    flat = to_target(state_dict, autoencoder_rules(cfg), param_shapes(abstract), what="autoencoder")
+    return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
 
 
 def autoencoder_to_diffusers(model: Autoencoder) -> dict[str, np.ndarray]:

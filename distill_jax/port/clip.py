@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from distill_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
-from distill_jax.port.params import flat_params, load_flat_params, param_shapes
+from distill_jax.port.params import flat_params, from_flat_params, param_shapes
 from distill_jax.port.t5 import SourceView
 from distill_jax.port.table import PortError, Rule, linear, rule, to_source, to_target
 
@@ -77,11 +77,10 @@ def clip_from_transformers(
     def make() -> CLIPTextEncoder:
         return CLIPTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
-    shapes = param_shapes(nnx.eval_shape(make))
+    abstract = nnx.eval_shape(make)
+    shapes = param_shapes(abstract)
     flat = to_target(_canonical(state_dict, cfg), clip_rules(cfg), shapes, what=WHAT)
-    model = make()
-    load_flat_params(model, flat)
-    return model
+    return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
 
 
 def clip_to_transformers(model: CLIPTextEncoder) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from distill_jax.models.t5 import T5Config, T5Encoder
-from distill_jax.port.params import flat_params, load_flat_params, param_shapes
+from distill_jax.port.params import flat_params, from_flat_params, param_shapes
 from distill_jax.port.table import PortError, Rule, Transform, linear, rule, to_source, to_target
 
 WHAT = "T5 encoder"
@@ -111,11 +111,10 @@ def t5_from_transformers(
     def make() -> T5Encoder:
         return T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
-    shapes = param_shapes(nnx.eval_shape(make))
+    abstract = nnx.eval_shape(make)
+    shapes = param_shapes(abstract)
     flat = to_target(_alias_tied(state_dict), t5_rules(cfg), shapes, what=WHAT)
-    model = make()
-    load_flat_params(model, flat)
-    return model
+    return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
 
 
 def t5_to_transformers(model: T5Encoder) -> dict[str, np.ndarray]:

@@ -1,0 +1,71 @@
+"""The text-to-image pipeline: the four FLUX networks and the two tokenizers, nothing else.
+
+A plain container, as diffusers' ``FluxPipeline`` minus the scheduler (the schedules are functions
+in :mod:`distill_jax.pipeline.samplers`). Build one from converted weights (``load_pipeline``) or,
+in tests, from diffusers/transformers modules through :mod:`distill_jax.port`. Torch never enters
+the library: conversion happens before a Pipeline exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from distill_jax.models.autoencoder import Autoencoder
+from distill_jax.models.clip import CLIPTextEncoder
+from distill_jax.models.flux import Flux
+from distill_jax.models.t5 import T5Encoder
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """FLUX's networks plus tokenizers.
+
+    ``clip_tokenizer`` is a transformers ``CLIPTokenizer``; ``t5_tokenizer`` a ``T5TokenizerFast``
+    (see :func:`distill_jax.pipeline.text.load_tokenizers`).
+    """
+
+    transformer: Flux
+    vae: Autoencoder
+    clip: CLIPTextEncoder
+    t5: T5Encoder
+    clip_tokenizer: Any
+    t5_tokenizer: Any
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: ``2 ** (len(block_out_channels) - 1)`` (8 for FLUX)."""
+        return 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels ``C`` of the unpacked latent (16 for FLUX); the transformer sees ``4C``."""
+        return self.transformer.cfg.in_channels // 4
+
+    def check(self) -> None:
+        """Raises ``ValueError`` when the parts do not fit together (widths, channels)."""
+        problems = []
+        flux, vae = self.transformer.cfg, self.vae.cfg
+        if flux.in_channels % 4 or flux.in_channels // 4 != vae.latent_channels:
+            problems.append(
+                f"transformer in_channels={flux.in_channels} != 4 x VAE latent_channels="
+                f"{vae.latent_channels}"
+            )
+        if flux.out != flux.in_channels:
+            problems.append(
+                f"transformer out_channels={flux.out} != in_channels={flux.in_channels}"
+            )
+        if flux.context_dim != self.t5.cfg.d_model:
+            problems.append(
+                f"transformer context_dim={flux.context_dim} != T5 d_model={self.t5.cfg.d_model}"
+            )
+        if flux.pooled_dim != self.clip.cfg.hidden_size:
+            problems.append(
+                f"transformer pooled_dim={flux.pooled_dim} != CLIP hidden_size="
+                f"{self.clip.cfg.hidden_size}"
+            )
+        if problems:
+            raise ValueError("pipeline parts do not fit: " + "; ".join(problems))
+
+
+__all__ = ["Pipeline"]
