@@ -19,11 +19,13 @@ RUNTIME = [
     "array-record==0.8.6",
     "grain==0.2.18",
     "pillow==13.0.0",
+    "pyarrow==26.0.1",
     "protobuf==7.36.2",
     "safetensors==0.8.0",
     "huggingface-hub==2.4.0",
     "tqdm",
     "absl-py",
+    "tensorboardX==2.6.5",
 ]
 
 # The PyTorch reference stack the parity tests compare against. torch is pinned to the CPU build
