@@ -1,24 +1,45 @@
 """Rotary position embeddings and the one attention function every model calls.
 
-Dimension letters: B batch, T tokens, H heads, K head dim, A id axes (3 for FLUX).
+Dimension letters: B batch, T tokens, H heads, K head dim, A id axes (3 for FLUX); inside the
+blockwise kernel Q and S are the tokens of one query block and of one key block, N a block count.
 
-Implementations behind :func:`attention` (``impl``):
+Implementations behind :func:`attention` (``impl``), by the passes they serve:
 
-- ``"xla"`` (default): ``jax.nn.dot_product_attention``; differentiable in both modes, so
-  ``jax.jvp`` (sCM and MeanFlow tangents) and ``jax.grad`` go through it.
-- ``"plain"``: softmax(QK^T/sqrt(K)) V written out in einsums; the reference the others are
-  tested against.
+=================  ========  ====  ==================================================
+impl               jax.jvp   grad  what it is; most of the T x T scores held at once
+=================  ========  ====  ==================================================
+"xla" (default)    yes       yes   XLA's attention; [B, H, T, T]
+"plain"            yes       yes   the reference, in einsums; [B, H, T, T]
+"blockwise"        yes       yes   online softmax with its own JVP; [B, H, Q, S] tiles
+                                   (grad: one [B, H, Q, T] row block of probabilities)
+"cudnn"            no        yes   cuDNN's fused kernel (GPU, half precision); none
+"splash"           no        yes   Pallas splash kernel (TPU); none
+"auto"             if xla    yes   cudnn on GPU, splash on TPU, else xla
+=================  ========  ====  ==================================================
+
+sCM and MeanFlow need ``jax.jvp`` through the student. Fused kernels define only a backward rule,
+so that pass runs ``"blockwise"`` (or a :class:`Blockwise` with chosen tile sizes): online-softmax
+attention whose forward *and* tangent are computed tile by tile in one sweep over the keys. The
+gradient pass is a separate forward and may use ``"auto"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("xla", "plain")
+from distill_jax import sharding
+from distill_jax.sharding import logical_to_spec
+
+IMPLEMENTATIONS = ("xla", "plain", "blockwise", "cudnn", "splash", "auto")
+DEFAULT_BLOCK = 512
+SPLASH_ALIGN = 128  # splash tiles are multiples of 128 tokens
 
 
 def rope_frequencies(
@@ -55,6 +76,71 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Blockwise:
+    """Tile sizes of the blockwise implementation; pass an instance as ``impl`` (or a model's
+    ``attn_impl``) to choose them. ``"blockwise"`` means ``Blockwise()``.
+
+    Each step holds a few ``[B, H, block_q, block_kv]`` float32 tiles; ``block_q >= T`` processes
+    every query at once (fewer, larger steps, which suit GPUs better; memory ``O(T block_kv)``).
+    Neither needs to divide T: the last block is padded and its padded keys masked.
+    """
+
+    block_q: int = DEFAULT_BLOCK
+    block_kv: int = DEFAULT_BLOCK
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            size = getattr(self, name)
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"Blockwise.{name} must be a positive int, got {size!r}")
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | Blockwise = "xla"
+) -> jax.Array:
+    """Full (unmasked) multi-head attention. ``q, k, v``: ``[B, T, H, K]`` -> ``[B, T, H, K]``.
+
+    ``impl`` is one of :data:`IMPLEMENTATIONS` or a :class:`Blockwise` (see the module table).
+    """
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"attention takes q, k, v of one shape [B, T, H, K]; got {q.shape}, {k.shape}, "
+            f"{v.shape}"
+        )
+    if isinstance(impl, Blockwise):
+        return blockwise_attention(q, k, v, block_q=impl.block_q, block_kv=impl.block_kv)
+    if impl == "auto":
+        impl = auto_impl(jax.default_backend(), q.dtype, q.shape[-1])
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    if impl == "plain":
+        return _plain(q, k, v)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if impl == "splash":
+        return splash_attention(q, k, v)
+    raise ValueError(
+        f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS} or a Blockwise(...)"
+    )
+
+
+def auto_impl(backend: str, dtype: jnp.dtype, head_dim: int) -> str:
+    """The fastest implementation for the forward and gradient passes on ``backend``.
+
+    cuDNN's fused attention on GPU (half precision, head dim a multiple of 8 up to 128), splash
+    on TPU, XLA otherwise. None of the fused kernels has a JVP: the tangent pass uses blockwise.
+    """
+    if backend in ("gpu", "cuda"):
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+    if backend == "tpu":
+        return "splash"
+    return "xla"
+
+
 def _plain(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     scale = 1.0 / np.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * scale
@@ -62,10 +148,196 @@ def _plain(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqs,bshk->bqhk", probs, v)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") -> jax.Array:
-    """Full (unmasked) multi-head attention. ``q, k, v``: ``[B, T, H, K]`` -> ``[B, T, H, K]``."""
-    if impl == "xla":
-        return jax.nn.dot_product_attention(q, k, v)
-    if impl == "plain":
-        return _plain(q, k, v)
-    raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+# ------------------------------------------------------------------------------------------------
+# Blockwise attention with its own JVP.
+#
+# For query i and keys j, with s_ij = q_i.k_j / sqrt(K), P = softmax_j(s), O_i = sum_j P_ij v_j:
+#   ds_ij = (dq_i.k_j + q_i.dk_j) / sqrt(K)
+#   dO_i  = sum_j P_ij (ds_ij - mu_i) v_j + sum_j P_ij dv_j,    mu_i = sum_j P_ij ds_ij
+#         = (G_i - M_i O_i) / z_i
+# where, with p_ij = exp(s_ij - m_i) for the row maximum m_i,
+#   z_i = sum_j p_ij,   A_i = sum_j p_ij v_j,   M_i = sum_j p_ij ds_ij,
+#   G_i = sum_j p_ij (ds_ij v_j + dv_j),   O_i = A_i / z_i,   mu_i = M_i / z_i.
+# All four sums share the softmax's running maximum, so one sweep over key blocks accumulates them,
+# rescaling by exp(m_old - m_new) whenever the maximum grows (the flash-attention recurrence).
+# ------------------------------------------------------------------------------------------------
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_q: int = DEFAULT_BLOCK,
+    block_kv: int = DEFAULT_BLOCK,
+) -> jax.Array:
+    """Attention that never holds more than ``[B, H, block_q, block_kv]`` scores at a time, in
+    the forward pass and in its JVP. ``q, k, v``: ``[B, T, H, K]`` -> ``[B, T, H, K]``.
+
+    Reverse mode transposes the JVP one query block at a time (each block's forward is
+    recomputed), so ``jax.grad`` holds one ``[B, H, block_q, T]`` row of probabilities at a time.
+    Scores and accumulators are float32; probabilities meet ``v`` in ``v.dtype``.
+    """
+    Blockwise(block_q, block_kv)  # validates the sizes
+    t = q.shape[1]
+    return _blockwise(q, k, v, min(block_q, t), min(block_kv, t))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _blockwise(q, k, v, block_q, block_kv):
+    return _sweep(q, k, v, None, block_q, block_kv)[0]
+
+
+@_blockwise.defjvp
+def _blockwise_jvp(block_q, block_kv, primals, tangents):
+    return _sweep(*primals, tangents, block_q, block_kv)
+
+
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+    """``[B, T, H, K]`` -> ``[N, B, size, H, K]``, zero-padding T up to N * size."""
+    b, t, h, kd = x.shape
+    n = -(-t // size)
+    x = jnp.pad(x, ((0, 0), (0, n * size - t), (0, 0), (0, 0)))
+    return x.reshape(b, n, size, h, kd).swapaxes(0, 1)
+
+
+def _sweep(q, k, v, tangents, block_q, block_kv):
+    """``(O, dO)`` (``dO`` None without tangents), one query block at a time."""
+    b, t, h, kd = q.shape
+    scale = 1.0 / math.sqrt(kd)
+    with_tangent = tangents is not None
+    n_kv = -(-t // block_kv)
+    valid = (jnp.arange(n_kv * block_kv) < t).reshape(n_kv, block_kv)  # padded keys are False
+    keys = (_blocks(k, block_kv), _blocks(v, block_kv), valid)  # [N, B, S, H, K] ...
+    if with_tangent:
+        dq, dk, dv = tangents
+        keys += (_blocks(dk, block_kv), _blocks(dv, block_kv))
+
+    def mm(a, b_, spec):  # low-precision operands, float32 accumulation
+        return jnp.einsum(spec, a, b_, preferred_element_type=jnp.float32)
+
+    def row(qi, dqi):
+        """One query block ``[B, Q, H, K]`` (and its tangent) against every key block."""
+
+        def step(carry, key_block):
+            kj, vj, ok = key_block[:3]
+            m, z, acc = carry[:3]
+            s = mm(qi, kj, "bqhk,bshk->bhqs") * scale  # [B, H, Q, S]
+            s = jnp.where(ok, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))  # finite: every key block holds a real key
+            alpha = jnp.exp(m - m_new)  # [B, H, Q]
+            p = jnp.exp(s - m_new[..., None])  # [B, H, Q, S]
+            z = alpha * z + p.sum(-1)
+            acc = alpha[..., None] * acc + mm(p.astype(vj.dtype), vj, "bhqs,bshk->bhqk")
+            if not with_tangent:
+                return (m_new, z, acc), None
+            dkj, dvj = key_block[3:]
+            ds_sum, g = carry[3:]
+            ds = (mm(dqi, kj, "bqhk,bshk->bhqs") + mm(qi, dkj, "bqhk,bshk->bhqs")) * scale
+            pds = p * ds  # [B, H, Q, S]
+            ds_sum = alpha * ds_sum + pds.sum(-1)
+            g = alpha[..., None] * g
+            g = g + mm(pds.astype(vj.dtype), vj, "bhqs,bshk->bhqk")
+            g = g + mm(p.astype(dvj.dtype), dvj, "bhqs,bshk->bhqk")
+            return (m_new, z, acc, ds_sum, g), None
+
+        stats = jnp.zeros((b, h, qi.shape[1]), jnp.float32)  # [B, H, Q]
+        rows = jnp.zeros((b, h, qi.shape[1], kd), jnp.float32)  # [B, H, Q, K]
+        carry = (stats - jnp.inf, stats, rows) + ((stats, rows) if with_tangent else ())
+        (_, z, acc, *tangent_sums), _ = jax.lax.scan(step, carry, keys)
+        out = acc / z[..., None]  # [B, H, Q, K]
+        if not with_tangent:
+            return _bqhk(out, q.dtype)
+        ds_sum, g = tangent_sums
+        d_out = (g - ds_sum[..., None] * out) / z[..., None]
+        return _bqhk(out, q.dtype), _bqhk(d_out, q.dtype)
+
+    # Under jax.grad the JVP is linearized and transposed; recomputing each query block's sweep
+    # bounds its saved probabilities to one [B, H, Q, T] row instead of the whole matrix.
+    row = jax.checkpoint(row, prevent_cse=False)
+
+    def unblock(x):  # [N, B, Q, H, K] -> [B, T, H, K]
+        return x.swapaxes(0, 1).reshape(b, -1, h, kd)[:, :t]
+
+    if not with_tangent:
+        return unblock(jax.lax.map(lambda qi: row(qi, None), _blocks(q, block_q))), None
+    out, d_out = jax.lax.map(lambda x: row(*x), (_blocks(q, block_q), _blocks(dq, block_q)))
+    return unblock(out), unblock(d_out)
+
+
+def _bqhk(x: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum("bhqk->bqhk", x).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Splash attention (Pallas, TPU). Elsewhere it runs in the Pallas interpreter, which is how the
+# tests check it on CPU.
+# ------------------------------------------------------------------------------------------------
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """TPU splash attention (forward and backward fused; no JVP). ``[B, T, H, K]`` -> same.
+
+    T is padded to a multiple of 128 with the padded keys masked. Under an active mesh the kernel
+    runs inside ``shard_map`` with batch and heads sharded by the ``batch`` and ``heads`` rules
+    (Pallas kernels are not partitioned automatically).
+    """
+    b, t, h, kd = q.shape
+    padded = -(-t // SPLASH_ALIGN) * SPLASH_ALIGN
+    kernel = _splash_kernel(t, padded, jax.default_backend() != "tpu")
+    scale = 1.0 / math.sqrt(kd)
+
+    def run(q, k, v):  # [b, T, h, K] per shard
+        def heads_major(x):  # [b, T, h, K] -> [b, h, T', K]
+            return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))).swapaxes(1, 2)
+
+        out = jax.vmap(kernel)(heads_major(q * scale), heads_major(k), heads_major(v))
+        return out.swapaxes(1, 2)[:, :t]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return run(q, k, v)
+    # The spec constrain() would give [B, T, H, K] under the active rules: batch and heads split,
+    # tokens whole (each shard attends over every key).
+    names = logical_to_spec(("batch", "seq", "heads", None), sharding._rules.get())
+    spec = sharding._divisible(names, q.shape, mesh)
+    return jax.shard_map(run, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(t: int, padded: int, interpret: bool):
+    """A single-head splash kernel over ``padded`` tokens of which the first ``t`` are keys."""
+    # Imported on first use: Pallas's TPU modules take about as long to import as jax itself.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    if padded == t:
+        mask = splash_mask.FullMask((padded, padded))
+    else:
+        keep = np.zeros((padded, padded), bool)
+        keep[:, :t] = True
+        mask = splash_mask.NumpyMask(keep)
+    block = next(b for b in (512, 256, 128) if padded % b == 0)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    # Concrete mask tables even when first called under a trace: the kernel outlives it (cached).
+    with jax.ensure_compile_time_eval():
+        mha = splash.make_splash_mha(
+            splash_mask.MultiHeadMask([mask]),
+            block_sizes=sizes,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
+    # One head's kernel, mapped over heads: the mask is shared, so it is stored once.
+    return jax.vmap(lambda q, k, v: mha(q[None], k[None], v[None])[0])
