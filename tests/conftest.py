@@ -8,3 +8,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Identical programs (the trainer's step across resume tests, say) compile once per session.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
