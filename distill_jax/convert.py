@@ -1,0 +1,868 @@
+"""Checkpoints in and out: ``convert`` FLUX-world weights into distill-jax folders, ``export``
+students back to PyTorch, and ``load_flux`` / ``load_pipeline`` to restore them.
+
+Sources (:func:`detect_format`):
+
+- ``diffusers``: a pipeline folder (``model_index.json``: FLUX.1-dev, Freepik/flux.1-lite-8B), one
+  component folder (``config.json`` and ``*.safetensors``, sharded with an index or not), or one
+  ``.safetensors`` file holding a transformer in diffusers naming;
+- ``bfl``: a BFL single file (``flux1-dev.safetensors`` naming);
+- ``t2i-distill``: a ``.pt`` holding ``{"module": state_dict}`` in diffusers naming, with the
+  students' extra heads ``timestep_embedder2.*`` (MeanFlow) and ``logvar_linear.*`` (sCM).
+
+A converted folder::
+
+    DST/distill_jax.json               the components and the source
+    DST/<component>/config.json        model config (with time_scale), dtype, source, SHA-256s
+    DST/<component>/params/            Orbax checkpoint: nested dict of the nnx.Param leaves
+    DST/tokenizer/, tokenizer_2/, scheduler/    copied verbatim from a pipeline folder
+
+Components are named as in diffusers: ``transformer`` (:class:`Flux`), ``text_encoder`` (CLIP),
+``text_encoder_2`` (T5), ``vae``. Conversion streams: tensors are read one at a time, mapped by the
+component's key table (``port.table.to_target`` with ``on_leaf``) and written :data:`BATCH_BYTES`
+at a time with Orbax's partial save, so memory holds two batches and a tensor, never a copy of the
+model. Everything is written to a temporary path beside DST, renamed at the end, and removed on
+any failure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from distill_jax.models.autoencoder import Autoencoder, AutoencoderConfig
+from distill_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+from distill_jax.models.flux import Flux, FluxConfig
+from distill_jax.models.t5 import T5Config, T5Encoder
+from distill_jax.port import clip as clip_port
+from distill_jax.port import t5 as t5_port
+from distill_jax.port import torch_pt
+from distill_jax.port.autoencoder import autoencoder_rules
+from distill_jax.port.flux import bfl_rules, diffusers_rules
+from distill_jax.port.params import from_flat_params, param_shapes
+from distill_jax.port.safetensors_io import open_safetensors, write_sharded
+from distill_jax.port.table import PortError, Rule, to_source, to_target
+from distill_jax.sharding import assert_not_replicated, state_shardings
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("diffusers", "bfl", "t2i-distill")
+EXPORT_FORMATS = ("diffusers", "t2i-distill")
+DTYPES = {"bfloat16": np.dtype(jnp.bfloat16), "float32": np.dtype(jnp.float32)}
+MARKER = "distill_jax.json"
+COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+BATCH_BYTES = 512 << 20  # leaves per Orbax partial save; at most two batches are in memory
+SHARD_BYTES = 10 << 30  # diffusers' default max_shard_size
+_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One pipeline part: its model and config classes, the PyTorch class it is read from, its key
+    table, and a key normalisation applied to the source first (prefixes, tied keys)."""
+
+    model: type
+    config: type
+    torch_class: str
+    rules: Callable[[Any], list[Rule]]
+    canonical: Callable[[Mapping, Any], Mapping] = lambda sd, cfg: sd
+
+    def read_config(self, config: Mapping[str, Any]) -> Any:
+        read = getattr(self.config, "from_diffusers", None) or self.config.from_transformers
+        return read(config)
+
+
+COMPONENTS = {
+    "transformer": Component(Flux, FluxConfig, "FluxTransformer2DModel", diffusers_rules),
+    "text_encoder": Component(
+        CLIPTextEncoder,
+        CLIPTextConfig,
+        "CLIPTextModel",
+        clip_port.clip_rules,
+        clip_port._canonical,
+    ),
+    "text_encoder_2": Component(
+        T5Encoder,
+        T5Config,
+        "T5EncoderModel",
+        t5_port.t5_rules,
+        lambda sd, cfg: t5_port._alias_tied(sd),
+    ),
+    "vae": Component(Autoencoder, AutoencoderConfig, "AutoencoderKL", autoencoder_rules),
+}
+
+
+# --- reading sources --------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        out = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def _weights_file(folder: Path) -> Path | None:
+    return next((folder / w for w in _WEIGHTS if (folder / w).is_file()), None)
+
+
+def detect_format(src: str | Path) -> str:
+    """``"diffusers"``, ``"bfl"`` or ``"t2i-distill"`` from the layout of ``src``."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if src.is_dir():
+        if (src / MARKER).is_file() or (src / "params").is_dir():
+            raise ValueError(f"{src} is already a distill-jax folder; load or export it instead")
+        if (src / "model_index.json").is_file() or (
+            (src / "config.json").is_file() and _weights_file(src)
+        ):
+            return "diffusers"
+        found = sorted(p.name for p in src.iterdir())[:20]
+        raise ValueError(
+            f"unknown layout: {src} has neither model_index.json (a diffusers pipeline) nor "
+            f"config.json with {' or '.join(_WEIGHTS)}; it holds {found}"
+        )
+    if src.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return "t2i-distill"
+    if src.suffix == ".safetensors":
+        return _naming(open_safetensors(src), src)
+    raise ValueError(f"unknown layout: {src} is neither a folder, a .safetensors nor a .pt file")
+
+
+# What a FLUX state dict's shapes reveal: field -> (diffusers config key, diffusers tensor, BFL
+# tensor, axis). The MLP width and head dim are read from the first double block.
+_REVEALS = {
+    "hidden": ("num_attention_heads x attention_head_dim", "x_embedder.weight", "img_in.weight", 0),
+    "in_channels": ("in_channels", "x_embedder.weight", "img_in.weight", 1),
+    "out": ("out_channels", "proj_out.weight", "final_layer.linear.weight", 0),
+    "context_dim": ("joint_attention_dim", "context_embedder.weight", "txt_in.weight", 1),
+    "pooled_dim": (
+        "pooled_projection_dim",
+        "time_text_embed.text_embedder.linear_1.weight",
+        "vector_in.in_layer.weight",
+        1,
+    ),
+    "time_embed_dim": (
+        "timestep embedding width",
+        "time_text_embed.timestep_embedder.linear_1.weight",
+        "time_in.in_layer.weight",
+        1,
+    ),
+    "head_dim": (
+        "attention_head_dim",
+        "transformer_blocks.0.attn.norm_q.weight",
+        "double_blocks.0.img_attn.norm.query_norm.scale",
+        0,
+    ),
+    "mlp_hidden": (
+        "feed-forward width",
+        "transformer_blocks.0.ff.net.0.proj.weight",
+        "double_blocks.0.img_mlp.0.weight",
+        0,
+    ),
+}
+_BLOCKS = {
+    "diffusers": ("transformer_blocks", "single_transformer_blocks"),
+    "bfl": ("double_blocks", "single_blocks"),
+}
+_GUIDANCE = {
+    "diffusers": "time_text_embed.guidance_embedder.linear_1.weight",
+    "bfl": "guidance_in.in_layer.weight",
+}
+_HEADS = {
+    "delta_embed": "timestep_embedder2.linear_1.weight",
+    "logvar_head": "logvar_linear.weight",
+}
+_NAMES = {
+    "num_double": "num_layers",
+    "num_single": "num_single_layers",
+    "guidance_embed": "guidance_embeds",
+    **{f: v[0] for f, v in _REVEALS.items()},
+}
+
+
+def _naming(tensors: Mapping, where: Path) -> str:
+    if "x_embedder.weight" in tensors or "img_in.weight" in tensors:
+        return "diffusers" if "x_embedder.weight" in tensors else "bfl"
+    raise ValueError(
+        f"unknown layout: {where} holds neither diffusers ('x_embedder.weight') nor BFL "
+        f"('img_in.weight') FLUX transformer keys; its first keys are {sorted(tensors)[:5]}"
+    )
+
+
+def flux_config(
+    tensors: Mapping,
+    *,
+    where: Path,
+    time_scale: float,
+    given: FluxConfig | None = None,
+    given_from: str | Path = "",
+) -> FluxConfig:
+    """The :class:`FluxConfig` of a FLUX state dict from its key names and header shapes alone:
+    ``given`` checked against them, or inferred (depth from the largest block index, widths from
+    shapes, guidance and the students' extra heads from the presence of their keys). A config
+    that does not match the weights is an error naming every field."""
+    naming = _naming(tensors, where)
+    col = 1 if naming == "diffusers" else 2
+    seen = {f: tensors.shape_of(v[col])[v[3]] for f, v in _REVEALS.items() if v[col] in tensors}
+    for field, prefix in zip(("num_double", "num_single"), _BLOCKS[naming], strict=True):
+        found = (re.match(rf"{prefix}\.(\d+)\.", k) for k in tensors)
+        seen[field] = 1 + max((int(m.group(1)) for m in found if m), default=-1)
+    seen["guidance_embed"] = _GUIDANCE[naming] in tensors
+    if given is None:
+        lacking = [_REVEALS[f][col] for f in _REVEALS if f not in seen]
+        if lacking or seen["head_dim"] != 128:
+            raise ValueError(
+                f"{where}: cannot infer the FLUX structure ("
+                + (f"no {lacking}" if lacking else f"RoPE axes of head_dim {seen['head_dim']}")
+                + "); pass a diffusers transformer config.json (--config)"
+            )
+        hidden, k = seen["hidden"], seen["head_dim"]
+        given = FluxConfig(
+            num_double=seen["num_double"],
+            num_single=seen["num_single"],
+            num_heads=hidden // k,
+            head_dim=k,
+            in_channels=seen["in_channels"],
+            out_channels=None if seen["out"] == seen["in_channels"] else seen["out"],
+            context_dim=seen["context_dim"],
+            pooled_dim=seen["pooled_dim"],
+            mlp_ratio=seen["mlp_hidden"] / hidden,
+            guidance_embed=seen["guidance_embed"],
+            time_embed_dim=seen["time_embed_dim"],
+        )
+        given_from = "the structure inferred"
+    wrong = [
+        f"{_NAMES[f]} is {getattr(given, f)} in {given_from} but {v} in the weights"
+        for f, v in seen.items()
+        if getattr(given, f) != v
+    ]
+    if wrong:
+        raise ValueError(f"{given_from} does not match the weights in {where}: " + "; ".join(wrong))
+    heads = {field: key in tensors for field, key in _HEADS.items()}
+    return given.replace(time_scale=float(time_scale), **heads)
+
+
+@dataclasses.dataclass
+class _Source:
+    component: str
+    tensors: Any  # a lazy reader: SafetensorsFile, ShardedSafetensors or TorchStateDict
+    cfg: Any
+    rules: list[Rule]
+    where: Path  # the folder or file it came from
+    files: list[Path]  # hashed into the converted config.json
+
+
+def _time_scale(arg: float | None, fmt: str, cfg_json: Mapping) -> float:
+    if arg is not None:
+        return float(arg)
+    if "_distill_jax" in cfg_json:  # written by our export
+        return float(cfg_json["_distill_jax"]["time_scale"])
+    return 1.0 if fmt == "t2i-distill" else 1000.0  # the paper's students are x1 models
+
+
+def _folder_source(folder: Path, component: str | None, time_scale: float | None) -> _Source:
+    cfg_json = _read_json(folder / "config.json")
+    classes = {cfg_json.get("_class_name"), *(cfg_json.get("architectures") or [])}
+    name = next((n for n, c in COMPONENTS.items() if c.torch_class in classes), None)
+    if name is None or (component and name != component):
+        want = [COMPONENTS[c].torch_class for c in ([component] if component else COMPONENTS)]
+        raise ValueError(f"{folder / 'config.json'} describes {classes - {None}}, not {want}")
+    weights = _weights_file(folder)
+    if weights is None:
+        found = sorted(p.name for p in folder.iterdir())
+        raise ValueError(
+            f"{folder}: no safetensors weights ({', '.join(_WEIGHTS)}); it holds "
+            f"{found} (.bin pickles are not read)"
+        )
+    tensors = open_safetensors(weights)
+    try:
+        cfg = COMPONENTS[name].read_config(cfg_json)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{folder / 'config.json'}: {err}") from None
+    if name == "transformer":
+        extra = cfg_json.get("_distill_jax", {})
+        cfg = flux_config(
+            tensors,
+            where=folder,
+            time_scale=_time_scale(time_scale, "diffusers", cfg_json),
+            given=cfg.replace(delta_init=extra.get("delta_init", cfg.delta_init)),
+            given_from=folder / "config.json",
+        )
+    files = [folder / "config.json", *tensors.files]
+    return _Source(name, tensors, cfg, COMPONENTS[name].rules(cfg), folder, files)
+
+
+def _open_sources(
+    src: Path,
+    fmt: str,
+    components: Sequence[str] | None,
+    config: Path | None,
+    time_scale: float | None,
+) -> tuple[list[_Source], list[Path]]:
+    """The components to convert, and the folders to copy along."""
+    if src.is_dir() and fmt != "diffusers":
+        raise ValueError(f"--format {fmt} reads a single file; {src} is a folder")
+    if src.is_dir():
+        if config is not None:
+            raise ValueError("--config is for single files; a folder's own config.json is used")
+        if not (src / "model_index.json").is_file():
+            source = _folder_source(src, None, time_scale)
+            if components and list(components) != [source.component]:
+                raise ValueError(f"{src} holds only the {source.component}, not {components}")
+            return [source], []
+        index = _read_json(src / "model_index.json")
+        present = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][-1]]
+        missing = [c for c in components or () if c not in present]
+        if missing:
+            raise ValueError(f"{src / 'model_index.json'} lists no {missing} (it has {present})")
+        sources = [_folder_source(src / c, c, time_scale) for c in components or present]
+        return sources, [src / d for d in COPIED if (src / d).is_dir()]
+    if components and list(components) != ["transformer"]:
+        raise ValueError(f"{src} is a single transformer file; it has no {components}")
+    tensors = torch_pt.load_pt(src) if fmt == "t2i-distill" else open_safetensors(src)
+    naming = _naming(tensors, src)
+    if fmt != "t2i-distill" and naming != fmt:
+        raise ValueError(f"--format {fmt}, but {src} holds {naming}-named keys")
+    cfg_json = _read_json(config) if config else {}
+    cfg = flux_config(
+        tensors,
+        where=src,
+        time_scale=_time_scale(time_scale, fmt, cfg_json),
+        given=FluxConfig.from_diffusers(cfg_json) if config else None,
+        given_from=config or "",
+    )
+    rules = bfl_rules(cfg) if naming == "bfl" else diffusers_rules(cfg)
+    files = [src] + ([config] if config else [])
+    return [_Source("transformer", tensors, cfg, rules, src, files)], []
+
+
+# --- writing converted folders ----------------------------------------------------------------
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    """``{"a.0.b": x}`` -> ``{"a": {"0": {"b": x}}}``: the tree Orbax stores."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {prefix + k: v})
+    return out
+
+
+class _Tracked(Mapping):
+    """The source as the key table reads it: counts reads for the progress bar and, once
+    ``strict``, refuses tensors that are not floating point (the table's inputs are weights)."""
+
+    def __init__(self, source: Any, what: str):
+        self.source, self.what, self.strict, self.bytes, self.count = source, what, False, 0, 0
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        array = self.source[key]
+        if self.strict and not jnp.issubdtype(array.dtype, jnp.floating):
+            where = f"{key!r} [{self.source.file_of(key)}]"
+            raise PortError(self.what, [f"source tensor {where} is {array.dtype}, not a float"])
+        self.bytes, self.count = self.bytes + array.nbytes, self.count + 1
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.source
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return self.source.shape_of(key)
+
+
+class _LeafWriter:
+    """Converted leaves -> an Orbax checkpoint, ``batch_bytes`` at a time (Orbax's partial save);
+    one batch is written in the background while the next one is converted."""
+
+    def __init__(self, path: Path, shapes: Mapping[str, tuple], dtype: np.dtype, batch_bytes: int):
+        self.path, self.shapes, self.dtype, self.batch_bytes = path, shapes, dtype, batch_bytes
+        self.written: set[str] = set()
+        self.batch: dict[str, np.ndarray] = {}
+        self.pending = None
+        self.context = ocp.Context()
+        self.context.memory.deepcopy_host_arrays = False  # the leaves are never touched again
+
+    def __call__(self, name: str, array: np.ndarray) -> None:
+        if name in self.written or (array.shape, array.dtype) != (self.shapes[name], self.dtype):
+            got = f"{name!r} {array.dtype}{list(array.shape)}"
+            raise PortError(f"writing {self.path}", [f"leaf {got} twice, or not {self.dtype}"])
+        self.written.add(name)
+        self.batch[name] = array
+        if sum(a.nbytes for a in self.batch.values()) >= self.batch_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.wait()
+        if self.batch:
+            with self.context:
+                self.pending = ocp.partial.save_async(self.path, _nest(self.batch))
+        self.batch = {}
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _LeafWriter:
+        return self
+
+    def __exit__(self, error: type | None, *_: Any) -> None:
+        if error is not None:  # let the batch in flight land before the caller removes the folder
+            with contextlib.suppress(Exception):
+                self.wait()
+            return
+        self._flush()
+        self.wait()
+        missing = sorted(set(self.shapes) - self.written)
+        if missing:
+            raise PortError(f"writing {self.path}", [f"leaf {m!r} never written" for m in missing])
+        ocp.partial.finalize(self.path)
+
+
+def _sha256(path: Path, stop: threading.Event) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while (chunk := f.read(16 << 20)) and not stop.is_set():
+            digest.update(chunk)  # releases the GIL: hashing overlaps the conversion
+    return digest.hexdigest()
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
+
+
+def _meta(component: str, model: type, cfg: Any, dtype: str, source: Mapping) -> dict[str, Any]:
+    """A converted component's config.json."""
+    config = dataclasses.asdict(cfg)
+    return dict(
+        format="distill-jax",
+        version=1,
+        component=component,
+        model=model.__name__,
+        config=config,
+        dtype=dtype,
+        source=dict(source),
+    )
+
+
+def _dtype(dtype: Any) -> np.dtype | None:
+    out = DTYPES.get(dtype) if isinstance(dtype, str) else dtype and np.dtype(dtype)
+    if dtype is not None and out not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    return out
+
+
+def _convert_component(
+    source: _Source, out: Path, dtype: np.dtype | None, batch_bytes: int, progress: bool
+) -> np.dtype:
+    """Streams one component into ``out/params``; returns the dtype stored."""
+    comp, what = COMPONENTS[source.component], f"{source.component} from {source.where}"
+    tensors = _Tracked(source.tensors, what)
+    view = comp.canonical(tensors, source.cfg)  # may read small buffers (CLIP's position ids)
+    tensors.strict = True
+    stored = {k: np.dtype(source.tensors.dtype_of(k)) for k in source.tensors}
+    if dtype is None:  # lossless: bfloat16 only when no float16 or wider is stored
+        wide = [d for d in stored.values() if jnp.issubdtype(d, jnp.floating) and d.itemsize > 1]
+        dtype = DTYPES["bfloat16" if set(wide) <= {DTYPES["bfloat16"]} else "float32"]
+    make = lambda: comp.model(source.cfg, rngs=nnx.Rngs(0), param_dtype=dtype)  # noqa: E731
+    shapes = param_shapes(nnx.eval_shape(make))
+    total = sum(int(np.prod(source.tensors.shape_of(k))) * d.itemsize for k, d in stored.items())
+    start = time.perf_counter()
+    with (
+        _bar(total, source.component, progress) as bar,
+        _LeafWriter(out / "params", shapes, dtype, batch_bytes) as writer,
+    ):
+
+        def on_leaf(name: str, array: np.ndarray) -> None:
+            writer(name, array)
+            bar.update(tensors.bytes - bar.n)
+            bar.set_postfix_str(f"{tensors.count}/{len(tensors)} tensors", refresh=False)
+
+        try:
+            to_target(view, source.rules, shapes, what=what, dtype=dtype, on_leaf=on_leaf)
+        except PortError as err:  # name the shard file of each key the table complains about
+            named = [
+                f"{p} [{source.tensors.file_of(m.group(1))}]"
+                if (m := re.search(r"source key '([^']+)'", p))
+                and m.group(1) in tensors
+                and not p.startswith("missing")
+                else p
+                for p in err.problems
+            ]
+            raise PortError(what, named) from None
+    gb, seconds = tensors.bytes / 1e9, time.perf_counter() - start
+    log.info(
+        "%s: %d tensors, %.3f GB in %.1f s (%.2f GB/s), stored as %s",
+        source.component,
+        tensors.count,
+        gb,
+        seconds,
+        gb / seconds,
+        dtype.name,
+    )
+    return dtype
+
+
+def _write_json(path: Path, obj: Mapping) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _staging(dst: Path, overwrite: bool, *sources: Path) -> Iterator[Path]:
+    """A temporary path beside ``dst`` that replaces it on success and is removed on failure;
+    an existing ``dst`` stays untouched until the very end."""
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
+    for src in sources:
+        a, b = src.resolve(), dst.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise ValueError(f"destination {dst} overlaps the source {src}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if dst.exists() or dst.is_symlink():
+            dst.rename(old)
+        tmp.rename(dst)
+    except BaseException:
+        if (old.exists() or old.is_symlink()) and not dst.exists():
+            old.rename(dst)  # the rename failed: put the original back
+        remove(tmp)
+        raise
+    remove(old)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    format: str = "auto",
+    dtype: str | None = None,
+    time_scale: float | None = None,
+    components: Sequence[str] | None = None,
+    config: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_bytes: int = BATCH_BYTES,
+) -> Path:
+    """Converts a diffusers folder, BFL file or T2I-Distill ``.pt`` into a distill-jax folder.
+
+    Args:
+      format: ``"auto"`` (:func:`detect_format`) or one of :data:`FORMATS`.
+      dtype: ``"bfloat16"`` or ``"float32"`` for the stored parameters; default lossless
+        (bfloat16 when the source is bfloat16, else float32).
+      time_scale: the transformer's time multiplier (:class:`FluxConfig`); default 1000 for
+        diffusers and BFL weights (stock FLUX), 1 for T2I-Distill students.
+      components: a subset of :data:`COMPONENTS` (default: every one the source has).
+      config: a diffusers transformer ``config.json`` for a single file (default: inferred).
+    Returns ``dst``.
+    """
+    src, dst, start = Path(src), Path(dst), time.perf_counter()
+    fmt = detect_format(src) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise ValueError(f"format {format!r}: choose 'auto' or one of {FORMATS}")
+    unknown = sorted(set(components or ()) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
+    dtype = _dtype(dtype)
+    stop, pool = threading.Event(), concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with _staging(dst, overwrite, src) as tmp:
+            config = Path(config) if config else None
+            sources, copies = _open_sources(src, fmt, components, config, time_scale)
+            hashes = {
+                s.component: {f: pool.submit(_sha256, f, stop) for f in s.files} for s in sources
+            }
+            base = src if src.is_dir() else src.parent
+            for s in sources:
+                (tmp / s.component).mkdir(parents=True)
+                stored = _convert_component(s, tmp / s.component, dtype, batch_bytes, progress)
+                sha = {
+                    str(f.relative_to(base) if f.is_relative_to(base) else f): h.result()
+                    for f, h in hashes[s.component].items()
+                }
+                origin = {"path": str(s.where.resolve()), "format": fmt, "sha256": sha}
+                meta = _meta(s.component, COMPONENTS[s.component].model, s.cfg, stored.name, origin)
+                _write_json(tmp / s.component / "config.json", meta)
+            for folder in copies:
+                shutil.copytree(folder, tmp / folder.name)
+            names = [s.component for s in sources]
+            origin = {"path": str(src.resolve()), "format": fmt}
+            index = dict(format="distill-jax", version=1, components=names, source=origin)
+            _write_json(tmp / MARKER, {**index, "copied": [c.name for c in copies]})
+    finally:
+        stop.set()  # a failed conversion does not wait for hashes
+        pool.shutdown(wait=True, cancel_futures=True)
+    log.info("converted %s (%s) to %s in %.1f s", src, fmt, dst, time.perf_counter() - start)
+    return dst
+
+
+# --- loading and saving converted folders -----------------------------------------------------
+
+
+def _component_folder(path: Path, component: str | None = None) -> tuple[Path, dict]:
+    """The folder of ``component`` in a converted pipeline, or ``path`` itself when it is a
+    converted component folder; and its config.json."""
+    folder = path / component if component and (path / MARKER).is_file() else path
+    meta = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if meta.get("format") != "distill-jax" or meta.get("component") not in COMPONENTS:
+        raise ValueError(
+            f"{path} is not a converted distill-jax folder"
+            + (f" with a {component}" if component else "")
+            + "; convert it first (distill-jax convert SRC DST)"
+        )
+    if component and meta["component"] != component:
+        raise ValueError(f"{folder} holds a {meta['component']}, not a {component}")
+    return folder, meta
+
+
+def _config_from_json(cls: type, fields: Mapping[str, Any], where: Path) -> Any:
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where / 'config.json'}: bad {cls.__name__} ({err})") from None
+
+
+def load_model(
+    path: str | Path,
+    *,
+    component: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    **model_kw: Any,
+) -> nnx.Module:
+    """Restores a converted component (any of :data:`COMPONENTS`).
+
+    ``dtype`` is the parameter dtype (default: as stored; Orbax casts while reading),
+    ``compute_dtype`` the activations' (default: ``dtype``). With a ``mesh`` each parameter is
+    read straight into its ``NamedSharding`` from the logical-axis ``rules`` (default:
+    ``sharding.DEFAULT_RULES``), so no device ever holds the whole model; without a mesh, onto the
+    first local device. ``model_kw`` go to the model's
+    constructor (e.g. ``remat``, ``attn_impl`` for :class:`Flux`).
+    """
+    folder, meta = _component_folder(Path(path), component)
+    comp = COMPONENTS[meta["component"]]
+    cfg = _config_from_json(comp.config, meta["config"], folder)
+    dtype = _dtype(dtype) or np.dtype(jnp.dtype(meta["dtype"]))
+    abstract = nnx.eval_shape(
+        lambda: comp.model(
+            cfg, rngs=nnx.Rngs(0), dtype=compute_dtype or dtype, param_dtype=dtype, **model_kw
+        )
+    )
+    shapes = param_shapes(abstract)
+    if mesh is None:
+        shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    else:
+        state = nnx.state(abstract, nnx.Param)
+        named = state_shardings(state, mesh, rules)
+        if mesh.size > 1:
+            assert_not_replicated(state, named)
+        shardings = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(named)}
+    target = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
+    restored = _flatten(ocp.load(folder / "params", _nest(target)))
+    log.info("restored the %s (%s) from %s", meta["component"], dtype.name, folder)
+    return from_flat_params(abstract, restored)
+
+
+def load_flux(
+    path: str | Path, *, mesh: jax.sharding.Mesh | None = None, dtype: Any = None, **kw: Any
+) -> Flux:
+    """The converted FLUX transformer at ``path`` (a converted pipeline or its ``transformer``
+    folder); see :func:`load_model` for ``mesh``, ``dtype`` and the keywords."""
+    return load_model(path, component="transformer", mesh=mesh, dtype=dtype, **kw)
+
+
+def load_pipeline(
+    path: str | Path, *, dtype: Any = None, mesh: jax.sharding.Mesh | None = None
+) -> Any:
+    """A :class:`~distill_jax.pipeline.pipeline.Pipeline` from a converted pipeline folder: the
+    four networks (each restored as by :func:`load_model`) and the two tokenizers."""
+    from distill_jax.pipeline.pipeline import Pipeline
+    from distill_jax.pipeline.text import load_tokenizers
+
+    path = Path(path)
+    fields = dict(transformer="transformer", clip="text_encoder", t5="text_encoder_2", vae="vae")
+    parts = {f: load_model(path, component=c, mesh=mesh, dtype=dtype) for f, c in fields.items()}
+    clip_tokenizer, t5_tokenizer = load_tokenizers(path / "tokenizer", path / "tokenizer_2")
+    pipeline = Pipeline(**parts, clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer)
+    pipeline.check()
+    return pipeline
+
+
+def save_model(
+    model: nnx.Module, dst: str | Path, *, overwrite: bool = False, source: Mapping | None = None
+) -> Path:
+    """Writes ``model`` (e.g. a trained student) as a converted component folder, which
+    :func:`load_model` and :func:`export` read; sharded arrays are saved as they lie."""
+    name = next((n for n, c in COMPONENTS.items() if isinstance(model, c.model)), None)
+    if name is None:
+        raise TypeError(
+            f"cannot save a {type(model).__name__}; expected one of "
+            f"{[c.model.__name__ for c in COMPONENTS.values()]}"
+        )
+    params = {
+        ".".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    dtypes = {np.dtype(v.dtype).name for v in params.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"parameters of several dtypes {sorted(dtypes)}; cast them to one")
+    with _staging(Path(dst), overwrite) as tmp:
+        tmp.mkdir()
+        ocp.save_pytree(tmp / "params", _nest(params))
+        meta = _meta(name, type(model), model.cfg, dtypes.pop(), source or {})
+        _write_json(tmp / "config.json", meta)
+    return Path(dst)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _exported_tensors(
+    params: Path, rules: Sequence[Rule], shapes: Mapping, dtype: np.dtype, batch_bytes: int
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Diffusers-named tensors in rule order, restoring ``batch_bytes`` of leaves at a time (the
+    other leaves are Orbax placeholders, never read)."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    chunk, size = [], 0
+    for i, r in enumerate(rules):
+        chunk.append(r)
+        size += int(np.prod(shapes[r.target])) * dtype.itemsize
+        if size < batch_bytes and i + 1 < len(rules):
+            continue
+        names = {c.target for c in chunk}
+        target = {
+            k: jax.ShapeDtypeStruct(s, dtype, sharding=cpu) if k in names else ocp.PLACEHOLDER
+            for k, s in shapes.items()
+        }
+        leaves = _flatten(ocp.load(params, _nest(target)))
+        yield from to_source({k: np.asarray(leaves[k]) for k in names}, chunk).items()
+        chunk, size = [], 0
+
+
+def export(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    format: str = "diffusers",
+    dtype: str | None = None,
+    max_shard_bytes: int = SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_bytes: int = BATCH_BYTES,
+) -> Path:
+    """Writes the converted transformer at ``src`` for PyTorch.
+
+    ``"diffusers"``: a folder of safetensors shards, ``diffusion_pytorch_model.safetensors.index
+    .json`` and ``config.json``, read by ``FluxTransformer2DModel.from_pretrained``; the config's
+    ``_distill_jax`` entry keeps ``time_scale`` and the heads (diffusers ignores it).
+    ``"t2i-distill"``: a ``.pt`` holding ``{"module": state_dict}``, as the paper's code saves and
+    loads students. Both keep the paper's names for the extra heads (``timestep_embedder2.*``,
+    ``logvar_linear.*``), which diffusers reports as unexpected keys.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format {format!r}: choose one of {EXPORT_FORMATS}")
+    src, dst = Path(src), Path(dst)
+    folder, meta = _component_folder(src, "transformer")
+    cfg = _config_from_json(FluxConfig, meta["config"], folder)
+    dtype = _dtype(dtype) or np.dtype(jnp.dtype(meta["dtype"]))
+    if format == "t2i-distill" and cfg.time_scale != 1.0:
+        log.warning(
+            "exporting a time_scale=%g model as a T2I-Distill .pt, whose code feeds "
+            "times unscaled (time_scale 1)",
+            cfg.time_scale,
+        )
+    rules = diffusers_rules(cfg)
+    shapes = param_shapes(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), param_dtype=dtype)))
+    specs = [
+        (key, dtype, tuple(shape))
+        for r in rules
+        for key, shape in zip(r.sources, r.transform.source_shapes(shapes[r.target]), strict=True)
+    ]
+    total = sum(int(np.prod(s)) for _, _, s in specs) * dtype.itemsize
+    with _staging(dst, overwrite, src) as tmp, _bar(total, f"export {format}", progress) as bar:
+
+        def tensors() -> Iterator[tuple[str, np.ndarray]]:
+            for key, array in _exported_tensors(
+                folder / "params", rules, shapes, dtype, batch_bytes
+            ):
+                bar.update(array.nbytes)
+                yield key, array
+
+        if format == "diffusers":
+            tmp.mkdir()
+            write_sharded(
+                tmp,
+                "diffusion_pytorch_model",
+                specs,
+                tensors(),
+                max_shard_bytes=max_shard_bytes,
+                metadata={"format": "pt"},
+            )
+            extra = {
+                f: getattr(cfg, f)
+                for f in ("time_scale", "delta_embed", "delta_init", "logvar_head")
+            }
+            extra["source"] = str(folder.resolve())
+            _write_json(tmp / "config.json", {**cfg.to_diffusers(), "_distill_jax": extra})
+        else:
+            torch_pt.save_pt(tmp, dict(tensors()))
+    log.info("exported %s to %s (%s, %s)", folder, dst, format, dtype.name)
+    return dst
