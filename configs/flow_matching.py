@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.data.kind = "latents"
+    c.data.latent_grid, c.data.latent_channels, c.data.text_len = (64, 64), 16, 256  # 512 px
     c.data.batch_size = 64
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 100

@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.data.kind = "latents"
+    c.data.latent_grid, c.data.latent_channels, c.data.text_len = (64, 64), 16, 256  # 512 px
     c.data.batch_size = 256
     c.optim.lr = 1e-6
     c.mesh.data, c.mesh.fsdp = 1, -1

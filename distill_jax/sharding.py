@@ -125,13 +125,19 @@ def axis_rules(rules) -> Iterator[None]:
         _rules.reset(token)
 
 
+def activation_spec(shape: Sequence[int], *names: str | None, mesh=None) -> PartitionSpec:
+    """The ``PartitionSpec`` of an activation of ``shape`` with logical ``names``, under the rules
+    set by :func:`axis_rules` (default rules otherwise) and the active (or given) mesh."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return _divisible(logical_to_spec(names, _rules.get()), shape, mesh)
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """Constrains an activation to its logical sharding when a mesh is active; else a no-op."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    spec = _divisible(logical_to_spec(names, _rules.get()), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, *names, mesh=mesh))
 
 
 def assert_not_replicated(state: Any, shardings: Any, *, min_bytes: int = 1 << 20) -> None:

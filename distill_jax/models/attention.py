@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import sharding
-from distill_jax.sharding import logical_to_spec
+from distill_jax.sharding import activation_spec
 
 IMPLEMENTATIONS = ("xla", "plain", "blockwise", "cudnn", "splash", "auto")
 DEFAULT_BLOCK = 512
@@ -299,8 +298,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         return run(q, k, v)
     # The spec constrain() would give [B, T, H, K] under the active rules: batch and heads split,
     # tokens whole (each shard attends over every key).
-    names = logical_to_spec(("batch", "seq", "heads", None), sharding._rules.get())
-    spec = sharding._divisible(names, q.shape, mesh)
+    spec = activation_spec(q.shape, "batch", "seq", "heads", None, mesh=mesh)
     return jax.shard_map(run, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 

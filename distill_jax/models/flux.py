@@ -417,10 +417,17 @@ class Flux(nnx.Module):
         return vec + self.vector_in(pooled_projections.astype(self.dtype))
 
     def _block(self, block: nnx.Module, *args):
-        policy = REMAT_POLICIES[self.remat]
         if self.remat == "none":
             return block(*args)
-        return nnx.remat(lambda b, *a: b(*a), policy=policy)(block, *args)
+        # jax.checkpoint over a pure function of the block's state: NNX's own remat would try to
+        # write the parameters back, which fails when they come from an enclosing trace (the
+        # teacher's parameters inside the jitted train step).
+        graphdef, state = nnx.split(block)
+
+        def run(state, *args):
+            return nnx.merge(graphdef, state)(*args)
+
+        return jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(state, *args)
 
     def __call__(
         self,

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Submit a distill-jax training to a GKE TPU cluster with XPK (github.com/AI-Hypercomputer/xpk).
+#
+#   CLUSTER=my-cluster TPU_TYPE=v5p-32 IMAGE=gcr.io/proj/distill-jax:latest \
+#   CONFIG=configs/scm.py WORKDIR=gs://bucket/runs/scm bash launch/xpk.sh [--config.x=y ...]
+#
+# IMAGE is a container with this repository installed (`pip install -e .`).
+set -euo pipefail
+: "${CLUSTER:?}" "${TPU_TYPE:?}" "${IMAGE:?}" "${CONFIG:?}" "${WORKDIR:?}"
+xpk workload create \
+  --cluster "$CLUSTER" \
+  --workload "distill-$(date +%Y%m%d-%H%M%S)" \
+  --tpu-type "$TPU_TYPE" \
+  --num-slices 1 \
+  --docker-image "$IMAGE" \
+  --command "distill-jax train --config $CONFIG --workdir $WORKDIR --config.multihost=True $*"
