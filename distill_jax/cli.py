@@ -3,6 +3,8 @@
     distill-jax convert SRC DST [--format auto|diffusers|bfl|t2i-distill] [--dtype ...] ...
     distill-jax export SRC DST --format diffusers|t2i-distill
     distill-jax sample CKPT --prompt "a red cube" [--prompt ...] --out DIR [--method scm ...]
+    distill-jax train --config configs/scm.py[:runlocal] --workdir DIR [--config.x=y] [--dry-run]
+    distill-jax prepare SOURCE OUT --pipeline CKPT [--resolution 512]
 
 Each verb registers its flags, and its ``run`` logs the process, the devices and the arguments and
 calls one library function; everything a verb does is that function in a notebook. Adding a verb is
@@ -271,10 +273,127 @@ def _run_sample(args: argparse.Namespace) -> None:
     log.info("wrote %d file(s) to %s", len(paths), args.out)
 
 
+# --- train ------------------------------------------------------------------------------------
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train or distil with a config (flow matching, rescale, sCM, MeanFlow)",
+        description="Runs distill_jax.train.train(config, workdir), resuming from the newest "
+        "checkpoint in --workdir. Override any config field with --config.FIELD=VALUE (e.g. "
+        "--config.optim.lr=1e-6); an unknown field is an error.",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="PATH.py[:ARG]",
+        help="a configs/*.py file and its argument, e.g. configs/scm.py:runlocal",
+    )
+    p.add_argument("--workdir", help="checkpoints and TensorBoard events (required to train)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the step for the configured mesh on abstract shapes and print "
+        "per-device memory (parameters, optimizer, EMA, teacher, activations)",
+    )
+    p.add_argument(
+        "--fake-devices",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --dry-run: N CPU devices stand in for missing accelerators",
+    )
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    import json
+
+    from distill_jax.config import load_config
+
+    config = load_config(args.config, args.config_overrides)
+    if args.dry_run:
+        from distill_jax.train import plan_memory
+
+        plan = plan_memory(config)
+        for key, value in plan.items():
+            log.info("%-20s %s", key, f"{value:.2f}" if isinstance(value, float) else value)
+        print(json.dumps(plan))
+        return
+    if not args.workdir:
+        raise ValueError("train needs --workdir (or --dry-run)")
+    from distill_jax.train import train
+
+    run = train(config, args.workdir)
+    if run.metrics:
+        log.info("step %d: %s", run.metrics[-1]["step"], run.metrics[-1])
+
+
+# --- prepare ----------------------------------------------------------------------------------
+
+
+def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="images + captions -> VAE latents + T5/CLIP embeddings (a training dataset)",
+        description="Encodes an image-caption source (a folder with metadata.jsonl or side-car "
+        ".txt captions, parquet shards, or a built image dataset) with a converted pipeline's "
+        "VAE and text encoders into a TFDS array_record dataset for `train`. Resumable (finished "
+        "shards are kept) and split across hosts.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="image-caption folder, parquet file(s) dir")
+    p.add_argument("out", metavar="OUT", help="dataset folder to write")
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        metavar="CKPT",
+        help="a converted pipeline folder (its vae, text encoders, tokenizers)",
+    )
+    p.add_argument("--resolution", type=int, default=512, help="pixels (default: 512)")
+    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    p.add_argument("--image-column", default="image", help="parquet/JSONL image field")
+    p.add_argument(
+        "--caption-column",
+        default="caption",
+        help="parquet/JSONL caption field (midjourney-v6-llava: llava)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="posterior-sample seed (default: 0)")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="stored dtype (default: bfloat16)",
+    )
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from distill_jax.convert import load_pipeline
+    from distill_jax.data.prepare import prepare
+
+    report = prepare(
+        args.source,
+        args.out,
+        pipeline=load_pipeline(args.pipeline),
+        resolution=args.resolution,
+        max_sequence_length=args.max_sequence_length,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+    )
+    log.info("prepare: %s", report)
+
+
 VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_convert,
     _add_export,
     _add_sample,
+    _add_train,
+    _add_prepare,
 )
 
 
@@ -292,7 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one verb; returns the exit status (1 with a one-line message for bad input)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # ml_collections-style overrides (--config.optim.lr=1e-6) belong to the train verb's config.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    args.config_overrides = overrides
+    if overrides and args.verb != "train":
+        print(f"distill-jax {args.verb}: error: {overrides[0]} is a train option", file=sys.stderr)
+        return 2
+    if getattr(args, "fake_devices", 0):  # before JAX starts
+        import os
+
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.fake_devices}"
+        )
+        os.environ["JAX_PLATFORMS"] = "cpu"
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -124,3 +124,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.data.batch_size={config.data.batch_size} is not divisible by "
             f"config.grad_accum={config.grad_accum}"
         )
+
+
+def flux_lite_512(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's setting: FLUX.1-lite-8B at 512 px (latents 16x64x64, 256 T5 tokens), bf16
+    compute with full per-block rematerialization, FSDP over every device, data from `prepare`."""
+    c.model.preset = "flux1_lite_8b"
+    c.model.dtype, c.model.remat = "bfloat16", "full"
+    c.data.kind = "latents"
+    c.data.latent_grid, c.data.latent_channels, c.data.text_len = (64, 64), 16, 256
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU-sized variant every config has: a tiny random model on synthetic latents, float32,
+    20 steps, all devices data-parallel."""
+    c.total_steps, c.log_every, c.checkpoint_every = 20, 5, 10
+    c.model.preset = "tiny"
+    c.model.dtype, c.model.remat = "float32", "none"
+    c.data.kind = "synthetic"
+    c.data.batch_size, c.data.latent_grid, c.data.latent_channels = 8, (4, 4), 4
+    c.data.text_len = 8
+    c.optim.lr, c.optim.warmup_steps = 1e-3, 0
+    c.loss.tangent_warmup_steps = 10
+    c.mesh.data, c.mesh.fsdp = -1, 1
+    return c
+
+
+def variant(c: ml_collections.ConfigDict, arg: str | None, where: str) -> ml_collections.ConfigDict:
+    """Applies a config file's argument: none (the full run) or ``runlocal``."""
+    if arg == "runlocal":
+        return runlocal(c)
+    if arg:
+        raise ValueError(f"{where}: unknown argument {arg!r} (use runlocal or nothing)")
+    return c

@@ -103,14 +103,14 @@ COMPONENTS = {
         CLIPTextConfig,
         "CLIPTextModel",
         clip_port.clip_rules,
-        clip_port._canonical,
+        clip_port.canonical_state_dict,
     ),
     "text_encoder_2": Component(
         T5Encoder,
         T5Config,
         "T5EncoderModel",
         t5_port.t5_rules,
-        lambda sd, cfg: t5_port._alias_tied(sd),
+        lambda sd, cfg: t5_port.alias_tied_embeddings(sd),
     ),
     "vae": Component(Autoencoder, AutoencoderConfig, "AutoencoderKL", autoencoder_rules),
 }

@@ -477,6 +477,81 @@ def mesh_and_rules(config) -> tuple[Any, tuple]:
     return mesh, rules
 
 
+@dataclasses.dataclass
+class _Setup:
+    """Everything the step needs, concrete or (for the memory plan) abstract."""
+
+    student_cfg: FluxConfig
+    student_gd: nnx.GraphDef
+    loss_fn: Callable
+    step_fn: Callable
+    init_fn: Callable
+    teacher_params: Any
+    teacher_sh: Any
+    abstract: dict
+    state_sh: dict
+    root: jax.Array
+
+
+def _setup(config, mesh, rules, teacher: Flux | None = None, *, abstract: bool = False) -> _Setup:
+    if teacher is not None:
+        params = nnx.state(teacher, nnx.Param)
+        shardings = state_shardings(params, mesh, rules)
+        teacher_cfg, teacher_params = teacher.cfg, jax.device_put(params, shardings)
+    elif abstract:
+        teacher_cfg, teacher_params = _abstract_teacher(config, mesh, rules)
+    else:
+        teacher_cfg, teacher_params = _teacher(config, mesh, rules)
+    teacher_cfg, student_cfg = model_configs(config, teacher_cfg)
+    student_gd = _graphdef(student_cfg, config, config.model.attn_impl)
+    jvp_gd = _graphdef(student_cfg, config, config.model.jvp_attn_impl)
+    teacher_gd = _graphdef(teacher_cfg, config, config.model.attn_impl)
+
+    tx, schedule = make_optimizer(config.optim, config.total_steps)
+    refits = {}
+    if config.method == "rescale" and not abstract:
+        refits = rescale_refits(teacher_params, student_cfg)
+    init_fn = make_init_fn(config, student_cfg, tx, refits)
+    root = jax.random.key(config.seed)
+    with jax.set_mesh(mesh):
+        abstract_state = jax.eval_shape(init_fn, teacher_params, root)
+        param_sh = state_shardings(
+            nnx.state(nnx.eval_shape(lambda: Flux(student_cfg, rngs=nnx.Rngs(0)))), mesh, rules
+        )
+        state_sh = _state_shardings(abstract_state, param_sh, mesh)
+    if mesh.size > 1:  # parameters, optimizer state and EMA alike
+        assert_not_replicated(
+            abstract_state, state_sh, min_bytes=config.mesh.replicated_threshold_bytes
+        )
+    loss_fn = make_loss_fn(config, student_gd, jvp_gd, teacher_gd)
+    teacher_sh = (
+        None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
+    )
+    return _Setup(
+        student_cfg,
+        student_gd,
+        loss_fn,
+        make_step(config, loss_fn, tx, schedule),
+        init_fn,
+        teacher_params,
+        teacher_sh,
+        abstract_state,
+        state_sh,
+        root,
+    )
+
+
+def _abstract_teacher(config, mesh, rules) -> tuple[FluxConfig, Any]:
+    cfg = getattr(FluxConfig, config.model.preset)().replace(**dict(config.model.overrides))
+    if config.method == "flow_matching":
+        return cfg, None
+    abstract = nnx.state(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    shardings = state_shardings(abstract, mesh, rules)
+    return cfg, jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings
+    )
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -508,34 +583,18 @@ def train(
         dict(mesh.shape),
     )
 
-    if teacher is not None:
-        params = nnx.state(teacher, nnx.Param)
-        shardings = state_shardings(params, mesh, rules)
-        teacher_cfg, teacher_params = teacher.cfg, jax.device_put(params, shardings)
-    else:
-        teacher_cfg, teacher_params = _teacher(config, mesh, rules)
-    teacher_cfg, student_cfg = model_configs(config, teacher_cfg)
-    student_gd = _graphdef(student_cfg, config, config.model.attn_impl)
-    jvp_gd = _graphdef(student_cfg, config, config.model.jvp_attn_impl)
-    teacher_gd = _graphdef(teacher_cfg, config, config.model.attn_impl)
-
-    tx, schedule = make_optimizer(config.optim, config.total_steps)
-    refits = rescale_refits(teacher_params, student_cfg) if config.method == "rescale" else {}
-    init_fn = make_init_fn(config, student_cfg, tx, refits)
-    root = jax.random.key(config.seed)
-    with jax.set_mesh(mesh):
-        abstract = jax.eval_shape(init_fn, teacher_params, root)
-        param_sh = state_shardings(
-            nnx.state(nnx.eval_shape(lambda: Flux(student_cfg, rngs=nnx.Rngs(0)))), mesh, rules
-        )
-        state_sh = _state_shardings(abstract, param_sh, mesh)
-    if mesh.size > 1:  # parameters, optimizer state and EMA alike
-        assert_not_replicated(abstract, state_sh, min_bytes=config.mesh.replicated_threshold_bytes)
+    setup = _setup(config, mesh, rules, teacher)
+    teacher_params, state_sh, init_fn, root = (
+        setup.teacher_params,
+        setup.state_sh,
+        setup.init_fn,
+        setup.root,
+    )
 
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    data_iter, aux = data if data is not None else make_input(config, student_cfg)
+    data_iter, aux = data if data is not None else make_input(config, setup.student_cfg)
     abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), setup.abstract, state_sh
     )
     restored = ckpt.restore_latest(abstract_sharded)
     if restored is not None:
@@ -548,13 +607,9 @@ def train(
 
     batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
-    loss_fn = make_loss_fn(config, student_gd, jvp_gd, teacher_gd)
-    step_fn = make_step(config, loss_fn, tx, schedule)
-    teacher_sh = (
-        None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
-    )
+    teacher_sh = setup.teacher_sh
     jitted = jax.jit(
-        step_fn,
+        setup.step_fn,
         in_shardings=(state_sh, teacher_sh, batch_sh, replicated, replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
@@ -640,8 +695,8 @@ def train(
         writer.close()
     return Run(
         state=state,
-        student_cfg=student_cfg,
-        graphdef=student_gd,
+        student_cfg=setup.student_cfg,
+        graphdef=setup.student_gd,
         metrics=history,
         stopped_early=stopped,
     )
@@ -679,3 +734,73 @@ def per_device_bytes(tree: Any) -> int:
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def plan_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Per-device memory of the configured run, without allocating it (``train --dry-run``).
+
+    Builds the state and teacher abstractly on the configured mesh (fake CPU devices can stand
+    in: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), compiles the step for the batch
+    shapes of ``config.data`` (``latent_grid``, ``latent_channels``, ``text_len``) and returns
+    bytes per device for parameters, optimizer state, EMA, teacher and the step's temporaries
+    (XLA's ``memory_analysis``; on a CPU stand-in these approximate an accelerator's).
+    """
+    check_config(config)
+    mesh, rules = mesh_and_rules(config)
+    setup = _setup(config, mesh, rules, abstract=True)
+    dc, cfg = config.data, setup.student_cfg
+    sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        setup.abstract,
+        setup.state_sh,
+    )
+    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    b = dc.batch_size
+    batch = {
+        "latents": jax.ShapeDtypeStruct(
+            (b, dc.latent_channels, *dc.latent_grid), jnp.float32, sharding=batch_sh
+        ),
+        "t5": jax.ShapeDtypeStruct(
+            (b, dc.text_len, cfg.context_dim), jnp.float32, sharding=batch_sh
+        ),
+        "pooled": jax.ShapeDtypeStruct((b, cfg.pooled_dim), jnp.float32, sharding=batch_sh),
+    }
+    aux = {
+        "uncond_t5": jax.ShapeDtypeStruct(
+            (dc.text_len, cfg.context_dim), jnp.float32, sharding=replicated
+        ),
+        "uncond_pooled": jax.ShapeDtypeStruct((cfg.pooled_dim,), jnp.float32, sharding=replicated),
+    }
+    key = jax.ShapeDtypeStruct(setup.root.shape, setup.root.dtype, sharding=replicated)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), axis_rules(rules):
+        compiled = (
+            jax.jit(setup.step_fn, out_shardings=(setup.state_sh, replicated), donate_argnums=(0,))
+            .lower(sharded, setup.teacher_params, batch, aux, key)
+            .compile()
+        )
+    analysis = compiled.memory_analysis()
+    gib = 1 << 30
+    plan = {
+        "method": config.method,
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "global_batch": b,
+        "student_parameters": sum(
+            math.prod(x.shape) for x in jax.tree.leaves(setup.abstract["params"])
+        ),
+        "params_gib": per_device_bytes(sharded["params"]) / gib,
+        "optimizer_gib": per_device_bytes(sharded["opt_state"]) / gib,
+        "ema_gib": per_device_bytes(sharded["ema"]) / gib if sharded["ema"] is not None else 0.0,
+        "teacher_gib": per_device_bytes(setup.teacher_params) / gib
+        if setup.teacher_params is not None
+        else 0.0,
+        "activations_gib": getattr(analysis, "temp_size_in_bytes", 0) / gib,
+        "compile_s": time.perf_counter() - start,
+    }
+    plan["total_gib"] = sum(
+        plan[k]
+        for k in ("params_gib", "optimizer_gib", "ema_gib", "teacher_gib", "activations_gib")
+    )
+    return plan

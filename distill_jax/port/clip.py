@@ -48,7 +48,7 @@ def clip_rules(cfg: CLIPTextConfig) -> list[Rule]:
     return rules
 
 
-def _canonical(state_dict: Mapping[str, Any], cfg: CLIPTextConfig) -> Mapping[str, Any]:
+def canonical_state_dict(state_dict: Mapping[str, Any], cfg: CLIPTextConfig) -> Mapping[str, Any]:
     """The state dict under ``CLIPTextModel.state_dict()`` names, without the position buffer."""
     strip = len(state_dict) > 0 and all(k.startswith(PREFIX) for k in state_dict)
     keys = {(k[len(PREFIX) :] if strip else k): k for k in state_dict}
@@ -79,7 +79,7 @@ def clip_from_transformers(
 
     abstract = nnx.eval_shape(make)
     shapes = param_shapes(abstract)
-    flat = to_target(_canonical(state_dict, cfg), clip_rules(cfg), shapes, what=WHAT)
+    flat = to_target(canonical_state_dict(state_dict, cfg), clip_rules(cfg), shapes, what=WHAT)
     return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
 
 

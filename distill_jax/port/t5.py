@@ -87,7 +87,7 @@ def t5_rules(cfg: T5Config) -> list[Rule]:
     return rules
 
 
-def _alias_tied(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+def alias_tied_embeddings(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     present = [k for k in TIED if k in state_dict]
     if len(present) != 1:
         return state_dict  # both (checked equal later) or neither (reported missing later)
@@ -113,7 +113,7 @@ def t5_from_transformers(
 
     abstract = nnx.eval_shape(make)
     shapes = param_shapes(abstract)
-    flat = to_target(_alias_tied(state_dict), t5_rules(cfg), shapes, what=WHAT)
+    flat = to_target(alias_tied_embeddings(state_dict), t5_rules(cfg), shapes, what=WHAT)
     return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
 
 
