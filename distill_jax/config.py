@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; parameters (master weights) are float32
     c.model.remat = "none"  # distill_jax.models.flux.REMAT_POLICIES
     c.model.attn_impl = "xla"  # attention for forward/backward passes
-    c.model.jvp_attn_impl = "xla"  # attention for the tangent (JVP) pass
+    # Attention of the tangent (JVP) pass: "blockwise" never materialises the T x T matrix.
+    c.model.jvp_attn_impl = "blockwise"
     c.model.delta_init = "zero"  # MeanFlow Δ-embedder init: "zero" (student = teacher) | "copy"
     c.model.logvar_time = "flow"  # sCM logvar head on flow time s | "trig" t (paper, spec 7.9)
 

@@ -175,6 +175,7 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
                 p_std=lc.p_std,
                 tangent_warmup_steps=lc.tangent_warmup_steps,
                 tangent_norm_c=lc.tangent_norm_c,
+                tangent_fn=lambda xh, tt, c: student_fn(xh, tt, c, gd=jvp_gd),
                 **slips,
             )
         if method == "meanflow":
@@ -201,6 +202,7 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
                 mu=lc.mu,
                 sigma=lc.sigma,
                 ratio_r_neq_t=lc.ratio_r_neq_t,
+                tangent_fn=lambda z, t, d, c: call(jvp_gd, params, z, t, c, timestep2=d),
                 **slips,
             )
         raise ValueError(f"unknown method {method!r}")
@@ -339,9 +341,10 @@ def make_init_fn(config, student_cfg, tx, refits: dict) -> Callable:
 def rescale_refits(teacher_params: nnx.State, student_cfg: FluxConfig) -> dict[str, np.ndarray]:
     """Least-squares refits of the time (and guidance) embedders' first layers (spec 2.2)."""
     out = {}
+    # Grids fine enough for the x1000 sinusoid (spacing well under pi / 1000).
     for name, grid in (
-        ("time_in", np.linspace(0.0, 1.0, 2001)),
-        ("guidance_in", np.linspace(0.0, 10.0, 2001)),
+        ("time_in", np.linspace(0.0, 1.0, 8193)),
+        ("guidance_in", np.linspace(0.0, 10.0, 32769)),
     ):
         if name not in teacher_params:
             continue
