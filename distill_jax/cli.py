@@ -294,8 +294,16 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="compile the step for the configured mesh on abstract shapes and print "
-        "per-device memory (parameters, optimizer, EMA, teacher, activations)",
+        help="print per-device memory of the configured run from abstract shapes "
+        "(parameters, optimizer, EMA, teacher, backward-pass residuals); nothing is allocated",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("none", "full", "extrapolate"),
+        default="none",
+        help="with --dry-run: also compile the step and report XLA's temporary bytes ('full'), "
+        "or compile at depths 1+1, 2+1, 1+2 and extrapolate ('extrapolate'); on CPU stand-ins "
+        "these ignore rematerialization (default: none; residuals need no compile)",
     )
     p.add_argument(
         "--fake-devices",
@@ -316,7 +324,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.dry_run:
         from distill_jax.train import plan_memory
 
-        plan = plan_memory(config)
+        plan = plan_memory(config, compile=args.compile)
         for key, value in plan.items():
             log.info("%-20s %s", key, f"{value:.2f}" if isinstance(value, float) else value)
         print(json.dumps(plan))
