@@ -38,7 +38,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,323 +49,29 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from distill_jax.models.autoencoder import Autoencoder, AutoencoderConfig
-from distill_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
 from distill_jax.models.flux import Flux, FluxConfig
-from distill_jax.models.t5 import T5Config, T5Encoder
-from distill_jax.port import clip as clip_port
-from distill_jax.port import t5 as t5_port
 from distill_jax.port import torch_pt
-from distill_jax.port.autoencoder import autoencoder_rules
-from distill_jax.port.flux import bfl_rules, diffusers_rules
+from distill_jax.port.flux import diffusers_rules
+from distill_jax.port.formats import (
+    COMPONENTS,
+    FORMATS,
+    MARKER,
+    _open_sources,
+    _read_json,
+    _Source,
+    detect_format,
+)
 from distill_jax.port.params import from_flat_params, param_shapes
-from distill_jax.port.safetensors_io import open_safetensors, write_sharded
+from distill_jax.port.safetensors_io import write_sharded
 from distill_jax.port.table import PortError, Rule, to_source, to_target
 from distill_jax.sharding import assert_not_replicated, state_shardings
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "bfl", "t2i-distill")
 EXPORT_FORMATS = ("diffusers", "t2i-distill")
 DTYPES = {"bfloat16": np.dtype(jnp.bfloat16), "float32": np.dtype(jnp.float32)}
-MARKER = "distill_jax.json"
-COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 BATCH_BYTES = 512 << 20  # leaves per Orbax partial save; at most two batches are in memory
 SHARD_BYTES = 10 << 30  # diffusers' default max_shard_size
-_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors.index.json",
-    "model.safetensors.index.json",
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Component:
-    """One pipeline part: its model and config classes, the PyTorch class it is read from, its key
-    table, and a key normalisation applied to the source first (prefixes, tied keys)."""
-
-    model: type
-    config: type
-    torch_class: str
-    rules: Callable[[Any], list[Rule]]
-    canonical: Callable[[Mapping, Any], Mapping] = lambda sd, cfg: sd
-
-    def read_config(self, config: Mapping[str, Any]) -> Any:
-        read = getattr(self.config, "from_diffusers", None) or self.config.from_transformers
-        return read(config)
-
-
-COMPONENTS = {
-    "transformer": Component(Flux, FluxConfig, "FluxTransformer2DModel", diffusers_rules),
-    "text_encoder": Component(
-        CLIPTextEncoder,
-        CLIPTextConfig,
-        "CLIPTextModel",
-        clip_port.clip_rules,
-        clip_port.canonical_state_dict,
-    ),
-    "text_encoder_2": Component(
-        T5Encoder,
-        T5Config,
-        "T5EncoderModel",
-        t5_port.t5_rules,
-        lambda sd, cfg: t5_port.alias_tied_embeddings(sd),
-    ),
-    "vae": Component(Autoencoder, AutoencoderConfig, "AutoencoderKL", autoencoder_rules),
-}
-
-
-# --- reading sources --------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        out = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
-    return out
-
-
-def _weights_file(folder: Path) -> Path | None:
-    return next((folder / w for w in _WEIGHTS if (folder / w).is_file()), None)
-
-
-def detect_format(src: str | Path) -> str:
-    """``"diffusers"``, ``"bfl"`` or ``"t2i-distill"`` from the layout of ``src``."""
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist")
-    if src.is_dir():
-        if (src / MARKER).is_file() or (src / "params").is_dir():
-            raise ValueError(f"{src} is already a distill-jax folder; load or export it instead")
-        if (src / "model_index.json").is_file() or (
-            (src / "config.json").is_file() and _weights_file(src)
-        ):
-            return "diffusers"
-        found = sorted(p.name for p in src.iterdir())[:20]
-        raise ValueError(
-            f"unknown layout: {src} has neither model_index.json (a diffusers pipeline) nor "
-            f"config.json with {' or '.join(_WEIGHTS)}; it holds {found}"
-        )
-    if src.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        return "t2i-distill"
-    if src.suffix == ".safetensors":
-        return _naming(open_safetensors(src), src)
-    raise ValueError(f"unknown layout: {src} is neither a folder, a .safetensors nor a .pt file")
-
-
-# What a FLUX state dict's shapes reveal: field -> (diffusers config key, diffusers tensor, BFL
-# tensor, axis). The MLP width and head dim are read from the first double block.
-_REVEALS = {
-    "hidden": ("num_attention_heads x attention_head_dim", "x_embedder.weight", "img_in.weight", 0),
-    "in_channels": ("in_channels", "x_embedder.weight", "img_in.weight", 1),
-    "out": ("out_channels", "proj_out.weight", "final_layer.linear.weight", 0),
-    "context_dim": ("joint_attention_dim", "context_embedder.weight", "txt_in.weight", 1),
-    "pooled_dim": (
-        "pooled_projection_dim",
-        "time_text_embed.text_embedder.linear_1.weight",
-        "vector_in.in_layer.weight",
-        1,
-    ),
-    "time_embed_dim": (
-        "timestep embedding width",
-        "time_text_embed.timestep_embedder.linear_1.weight",
-        "time_in.in_layer.weight",
-        1,
-    ),
-    "head_dim": (
-        "attention_head_dim",
-        "transformer_blocks.0.attn.norm_q.weight",
-        "double_blocks.0.img_attn.norm.query_norm.scale",
-        0,
-    ),
-    "mlp_hidden": (
-        "feed-forward width",
-        "transformer_blocks.0.ff.net.0.proj.weight",
-        "double_blocks.0.img_mlp.0.weight",
-        0,
-    ),
-}
-_BLOCKS = {
-    "diffusers": ("transformer_blocks", "single_transformer_blocks"),
-    "bfl": ("double_blocks", "single_blocks"),
-}
-_GUIDANCE = {
-    "diffusers": "time_text_embed.guidance_embedder.linear_1.weight",
-    "bfl": "guidance_in.in_layer.weight",
-}
-_HEADS = {
-    "delta_embed": "timestep_embedder2.linear_1.weight",
-    "logvar_head": "logvar_linear.weight",
-}
-_NAMES = {
-    "num_double": "num_layers",
-    "num_single": "num_single_layers",
-    "guidance_embed": "guidance_embeds",
-    **{f: v[0] for f, v in _REVEALS.items()},
-}
-
-
-def _naming(tensors: Mapping, where: Path) -> str:
-    if "x_embedder.weight" in tensors or "img_in.weight" in tensors:
-        return "diffusers" if "x_embedder.weight" in tensors else "bfl"
-    raise ValueError(
-        f"unknown layout: {where} holds neither diffusers ('x_embedder.weight') nor BFL "
-        f"('img_in.weight') FLUX transformer keys; its first keys are {sorted(tensors)[:5]}"
-    )
-
-
-def flux_config(
-    tensors: Mapping,
-    *,
-    where: Path,
-    time_scale: float,
-    given: FluxConfig | None = None,
-    given_from: str | Path = "",
-) -> FluxConfig:
-    """The :class:`FluxConfig` of a FLUX state dict from its key names and header shapes alone:
-    ``given`` checked against them, or inferred (depth from the largest block index, widths from
-    shapes, guidance and the students' extra heads from the presence of their keys). A config
-    that does not match the weights is an error naming every field."""
-    naming = _naming(tensors, where)
-    col = 1 if naming == "diffusers" else 2
-    seen = {f: tensors.shape_of(v[col])[v[3]] for f, v in _REVEALS.items() if v[col] in tensors}
-    for field, prefix in zip(("num_double", "num_single"), _BLOCKS[naming], strict=True):
-        found = (re.match(rf"{prefix}\.(\d+)\.", k) for k in tensors)
-        seen[field] = 1 + max((int(m.group(1)) for m in found if m), default=-1)
-    seen["guidance_embed"] = _GUIDANCE[naming] in tensors
-    if given is None:
-        lacking = [_REVEALS[f][col] for f in _REVEALS if f not in seen]
-        if lacking or seen["head_dim"] != 128:
-            raise ValueError(
-                f"{where}: cannot infer the FLUX structure ("
-                + (f"no {lacking}" if lacking else f"RoPE axes of head_dim {seen['head_dim']}")
-                + "); pass a diffusers transformer config.json (--config)"
-            )
-        hidden, k = seen["hidden"], seen["head_dim"]
-        given = FluxConfig(
-            num_double=seen["num_double"],
-            num_single=seen["num_single"],
-            num_heads=hidden // k,
-            head_dim=k,
-            in_channels=seen["in_channels"],
-            out_channels=None if seen["out"] == seen["in_channels"] else seen["out"],
-            context_dim=seen["context_dim"],
-            pooled_dim=seen["pooled_dim"],
-            mlp_ratio=seen["mlp_hidden"] / hidden,
-            guidance_embed=seen["guidance_embed"],
-            time_embed_dim=seen["time_embed_dim"],
-        )
-        given_from = "the structure inferred"
-    wrong = [
-        f"{_NAMES[f]} is {getattr(given, f)} in {given_from} but {v} in the weights"
-        for f, v in seen.items()
-        if getattr(given, f) != v
-    ]
-    if wrong:
-        raise ValueError(f"{given_from} does not match the weights in {where}: " + "; ".join(wrong))
-    heads = {field: key in tensors for field, key in _HEADS.items()}
-    return given.replace(time_scale=float(time_scale), **heads)
-
-
-@dataclasses.dataclass
-class _Source:
-    component: str
-    tensors: Any  # a lazy reader: SafetensorsFile, ShardedSafetensors or TorchStateDict
-    cfg: Any
-    rules: list[Rule]
-    where: Path  # the folder or file it came from
-    files: list[Path]  # hashed into the converted config.json
-
-
-def _time_scale(arg: float | None, fmt: str, cfg_json: Mapping) -> float:
-    if arg is not None:
-        return float(arg)
-    if "_distill_jax" in cfg_json:  # written by our export
-        return float(cfg_json["_distill_jax"]["time_scale"])
-    return 1.0 if fmt == "t2i-distill" else 1000.0  # the paper's students are x1 models
-
-
-def _folder_source(folder: Path, component: str | None, time_scale: float | None) -> _Source:
-    cfg_json = _read_json(folder / "config.json")
-    classes = {cfg_json.get("_class_name"), *(cfg_json.get("architectures") or [])}
-    name = next((n for n, c in COMPONENTS.items() if c.torch_class in classes), None)
-    if name is None or (component and name != component):
-        want = [COMPONENTS[c].torch_class for c in ([component] if component else COMPONENTS)]
-        raise ValueError(f"{folder / 'config.json'} describes {classes - {None}}, not {want}")
-    weights = _weights_file(folder)
-    if weights is None:
-        found = sorted(p.name for p in folder.iterdir())
-        raise ValueError(
-            f"{folder}: no safetensors weights ({', '.join(_WEIGHTS)}); it holds "
-            f"{found} (.bin pickles are not read)"
-        )
-    tensors = open_safetensors(weights)
-    try:
-        cfg = COMPONENTS[name].read_config(cfg_json)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{folder / 'config.json'}: {err}") from None
-    if name == "transformer":
-        extra = cfg_json.get("_distill_jax", {})
-        cfg = flux_config(
-            tensors,
-            where=folder,
-            time_scale=_time_scale(time_scale, "diffusers", cfg_json),
-            given=cfg.replace(delta_init=extra.get("delta_init", cfg.delta_init)),
-            given_from=folder / "config.json",
-        )
-    files = [folder / "config.json", *tensors.files]
-    return _Source(name, tensors, cfg, COMPONENTS[name].rules(cfg), folder, files)
-
-
-def _open_sources(
-    src: Path,
-    fmt: str,
-    components: Sequence[str] | None,
-    config: Path | None,
-    time_scale: float | None,
-) -> tuple[list[_Source], list[Path]]:
-    """The components to convert, and the folders to copy along."""
-    if src.is_dir() and fmt != "diffusers":
-        raise ValueError(f"--format {fmt} reads a single file; {src} is a folder")
-    if src.is_dir():
-        if config is not None:
-            raise ValueError("--config is for single files; a folder's own config.json is used")
-        if not (src / "model_index.json").is_file():
-            source = _folder_source(src, None, time_scale)
-            if components and list(components) != [source.component]:
-                raise ValueError(f"{src} holds only the {source.component}, not {components}")
-            return [source], []
-        index = _read_json(src / "model_index.json")
-        present = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][-1]]
-        missing = [c for c in components or () if c not in present]
-        if missing:
-            raise ValueError(f"{src / 'model_index.json'} lists no {missing} (it has {present})")
-        sources = [_folder_source(src / c, c, time_scale) for c in components or present]
-        return sources, [src / d for d in COPIED if (src / d).is_dir()]
-    if components and list(components) != ["transformer"]:
-        raise ValueError(f"{src} is a single transformer file; it has no {components}")
-    tensors = torch_pt.load_pt(src) if fmt == "t2i-distill" else open_safetensors(src)
-    naming = _naming(tensors, src)
-    if fmt != "t2i-distill" and naming != fmt:
-        raise ValueError(f"--format {fmt}, but {src} holds {naming}-named keys")
-    cfg_json = _read_json(config) if config else {}
-    cfg = flux_config(
-        tensors,
-        where=src,
-        time_scale=_time_scale(time_scale, fmt, cfg_json),
-        given=FluxConfig.from_diffusers(cfg_json) if config else None,
-        given_from=config or "",
-    )
-    rules = bfl_rules(cfg) if naming == "bfl" else diffusers_rules(cfg)
-    files = [src] + ([config] if config else [])
-    return [_Source("transformer", tensors, cfg, rules, src, files)], []
-
 
 # --- writing converted folders ----------------------------------------------------------------
 
