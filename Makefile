@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv demo test lint clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/distill-jax demo --workdir workdir/demo
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -5,6 +5,8 @@
     distill-jax sample CKPT --prompt "a red cube" [--prompt ...] --out DIR [--method scm ...]
     distill-jax train --config configs/scm.py[:runlocal] --workdir DIR [--config.x=y] [--dry-run]
     distill-jax prepare SOURCE OUT --pipeline CKPT [--resolution 512]
+    distill-jax demo [--workdir DIR]
+    distill-jax geneval --checkpoint DIR --metadata evaluation_metadata.jsonl --out DIR
 
 Each verb registers its flags, and its ``run`` logs the process, the devices and the arguments and
 calls one library function; everything a verb does is that function in a notebook. Adding a verb is
@@ -396,12 +398,84 @@ def _run_prepare(args: argparse.Namespace) -> None:
     log.info("prepare: %s", report)
 
 
+# --- demo -------------------------------------------------------------------------------------
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the embedded default: distil the toy shapes teacher with sCM and MeanFlow, score it",
+        description="Distils the shipped toy teacher (a tiny FLUX that draws coloured shapes) with "
+        "sCM and MeanFlow through the real training loop, evaluates the teacher at 1, 2, 4 and its "
+        "full steps and each student at 1, 2 and 4 steps on held-out prompts, and writes "
+        "report.json, report.md and samples.png to --workdir.",
+    )
+    p.add_argument(
+        "--workdir", default="workdir/demo", help="output folder (default: workdir/demo)"
+    )
+    p.add_argument("--quick", action="store_true", help="a shortened run (smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from distill_jax.demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick, seed=args.seed)
+
+
+# --- geneval ----------------------------------------------------------------------------------
+
+
+def _add_geneval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "geneval",
+        help="GenEval's generation step: 4 images per prompt in GenEval's folder layout",
+        description="Writes OUT/<i:05d>/metadata.jsonl and OUT/<i:05d>/samples/<j:04d>.png for "
+        "every line of GenEval's evaluation_metadata.jsonl; resumable (finished prompts are kept). "
+        "Score the folder with the official GenEval code (see README).",
+    )
+    p.add_argument("--checkpoint", required=True, help="a converted pipeline folder")
+    p.add_argument("--metadata", required=True, help="GenEval's evaluation_metadata.jsonl")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", choices=("teacher", "scm", "meanflow"), default="teacher")
+    p.add_argument("--steps", type=int, default=28, help="model evaluations (default: 28)")
+    p.add_argument(
+        "--guidance",
+        type=_guidance,
+        default=3.5,
+        help="embedded guidance, or 'none' (default: 3.5)",
+    )
+    p.add_argument("--size", type=int, default=512, help="pixels (default: 512)")
+    p.add_argument("--samples", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--seed", type=int, default=42, help="seed (default: 42, as the paper)")
+    p.set_defaults(run=_run_geneval)
+
+
+def _run_geneval(args: argparse.Namespace) -> None:
+    from distill_jax.evaluate import generate_geneval
+
+    generate_geneval(
+        args.checkpoint,
+        args.metadata,
+        args.out,
+        method=args.method,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=args.size,
+        samples=args.samples,
+        seed=args.seed,
+    )
+
+
 VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_convert,
     _add_export,
     _add_sample,
     _add_train,
     _add_prepare,
+    _add_demo,
+    _add_geneval,
 )
 
 
