@@ -45,6 +45,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["distill_jax", "distill_jax.*"]),
+    package_data={"distill_jax": ["assets/**/*"]},  # the toy teacher of the demo
     install_requires=RUNTIME,
     extras_require={"test": TEST},
     entry_points={"console_scripts": ["distill-jax = distill_jax.cli:main"]},

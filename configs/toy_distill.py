@@ -6,7 +6,8 @@ The demo (``distill_jax.demo.run_demo``) trains both with these settings and mea
 
 Each run is ``train(get_config(method), workdir, data=toy.shapes_input(teacher, ...),
 teacher=teacher.transformer)`` with the shipped teacher (``distill_jax.toy.load_toy()``), whose
-transformer can also be given as ``--config.teacher.path=distill_jax/assets/toy_teacher/transformer``.
+transformer can also be given as
+``--config.teacher.path=distill_jax/assets/toy_teacher/transformer``.
 Sized for 2 CPU cores (a few minutes each). Expected: sCM's 1-2-step samples and MeanFlow's
 4-step samples close to the teacher's 16-step accuracy (the demo's report says how close).
 

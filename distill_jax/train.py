@@ -739,9 +739,7 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
-def plan_memory(
-    config: ml_collections.ConfigDict, *, compile: str = "none"
-) -> dict[str, Any]:
+def plan_memory(config: ml_collections.ConfigDict, *, compile: str = "none") -> dict[str, Any]:
     """Per-device memory of the configured run, without allocating it (``train --dry-run``).
 
     Builds the state and teacher abstractly on the configured mesh (fake CPU devices can stand

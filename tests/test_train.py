@@ -155,14 +155,31 @@ def test_cli_train_runs_and_rejects_typos(tmp_path, capsys):
     from distill_jax.cli import main
 
     # the same program as the runlocal scm test above: the compilation cache serves both
-    args = ["train", "--config", "configs/scm.py:runlocal", "--workdir", str(tmp_path),
-            "--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=1000",
-            "--config.data.synthetic_size=32", "--config.data.batch_size=32",
-            "--config.optim.lr=3e-3"]
+    args = [
+        "train",
+        "--config",
+        "configs/scm.py:runlocal",
+        "--workdir",
+        str(tmp_path),
+        "--config.total_steps=2",
+        "--config.log_every=1",
+        "--config.checkpoint_every=1000",
+        "--config.data.synthetic_size=32",
+        "--config.data.batch_size=32",
+        "--config.optim.lr=3e-3",
+    ]
     assert main(args) == 0
     assert (tmp_path / "checkpoints" / "2").is_dir()
     with pytest.raises(AttributeError, match="learning_rate"):
-        main(["train", "--config", "configs/scm.py:runlocal", "--workdir", str(tmp_path),
-              "--config.optim.learning_rate=1"])
+        main(
+            [
+                "train",
+                "--config",
+                "configs/scm.py:runlocal",
+                "--workdir",
+                str(tmp_path),
+                "--config.optim.learning_rate=1",
+            ]
+        )
     assert main(["sample", "x", "--prompt", "p", "--out", "o", "--config.seed=1"]) == 2
     assert "is a train option" in capsys.readouterr().err

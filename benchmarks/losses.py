@@ -1,0 +1,161 @@
+"""Cost of one sCM and one MeanFlow step against one flow-matching step (issue 5), CPU, float32.
+
+Mid-size MMDiT (the config of benchmarks/flux_forward.py): width 512 (8 heads x 64), 2 double +
+4 single blocks, 1024 image + 128 text tokens (a 64 x 64 x 16 latent), batch 2. Each step is
+``jax.jit(jax.value_and_grad(loss_fn))`` of the trainer's own ``distill_jax.train.make_loss_fn``
+(TrigFlow wrapper and logvar head for sCM; label dropout, CFG-MeanFlow and the Δ embedder for
+MeanFlow), XLA attention, default (fixed) switches. Prints the median seconds per step over
+``--repeats`` and the ratios to flow matching as a final JSON line. Target: each ratio <= 2.5.
+
+    .venv/bin/python benchmarks/losses.py [--repeats 3]
+
+The other distillation benchmarks (train_step.py, scm_vs_torch.py) import the setup below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distill_jax.config import base_config  # noqa: E402
+from distill_jax.models.flux import Flux, FluxConfig  # noqa: E402
+from distill_jax.port.flux import abstract_flux  # noqa: E402
+from distill_jax.train import make_loss_fn, model_configs  # noqa: E402
+
+MID = dict(
+    num_double=2,
+    num_single=4,
+    num_heads=8,
+    head_dim=64,
+    in_channels=64,
+    context_dim=512,
+    pooled_dim=256,
+    axes_dim=(8, 28, 28),
+    time_scale=1.0,  # the rescaled teacher of sCM and MeanFlow (spec 2)
+)
+BATCH, LATENT, CHANNELS, TEXT = 2, (64, 64), 16, 128  # 64 x 64 latent -> 1024 packed tokens
+TOKENS = BATCH * (LATENT[0] * LATENT[1] // 4 + TEXT)  # image + text tokens per step
+DESCRIPTION = "width 512 (8x64), 2+4 blocks, 1024+128 tokens, batch 2, float32, CPU"
+METHODS = ("flow_matching", "scm", "meanflow")
+
+
+def mid_config(method: str, remat: str = "none") -> ml_collections.ConfigDict:
+    """The trainer's config for ``method`` on the mid-size model, float32."""
+    c = base_config()
+    c.method = method
+    c.model.overrides = ml_collections.ConfigDict(MID)
+    c.model.dtype = "float32"
+    c.model.remat = remat
+    c.data.batch_size = BATCH
+    c.data.latent_grid, c.data.latent_channels, c.data.text_len = LATENT, CHANNELS, TEXT
+    return c
+
+
+def graphdef(cfg: FluxConfig, config: ml_collections.ConfigDict) -> nnx.GraphDef:
+    return nnx.split(abstract_flux(cfg, remat=config.model.remat, attn_impl="xla"))[0]
+
+
+def models(config: ml_collections.ConfigDict, seed: int = 0):
+    """``(student_cfg, student_gd, teacher_gd, student_params, teacher_params)``, random
+    weights; the student's shared parameters are the teacher's, as the trainer initialises."""
+    teacher_cfg, student_cfg = model_configs(config, FluxConfig(**MID))
+    teacher = Flux(teacher_cfg, rngs=nnx.Rngs(seed))
+    student = Flux(student_cfg, rngs=nnx.Rngs(seed + 1))
+    teacher_params = nnx.state(teacher, nnx.Param)
+    nnx.update(student, teacher_params)
+    return (
+        student_cfg,
+        graphdef(student_cfg, config),
+        graphdef(teacher_cfg, config),
+        nnx.state(student, nnx.Param),
+        teacher_params,
+    )
+
+
+def batch_and_aux(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A trainer batch (``latents [B, C, h, w]``, ``t5``, ``pooled``) and the unconditional
+    embeddings, standard normal float32."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
+    batch = {
+        "latents": normal(BATCH, CHANNELS, *LATENT),
+        "t5": normal(BATCH, TEXT, MID["context_dim"]),
+        "pooled": normal(BATCH, MID["pooled_dim"]),
+    }
+    return batch, {
+        "uncond_t5": normal(TEXT, MID["context_dim"]),
+        "uncond_pooled": normal(MID["pooled_dim"]),
+    }
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, desc: str) -> float:
+    """Median wall time of ``fn``, which blocks until its result is ready. No warm-up call: JAX
+    steps are compiled ahead of time, and at this size a first eager PyTorch step measured the
+    same as later ones (a warm-up would cost a whole step of a few-minute budget)."""
+    times = []
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def loss_and_grad_seconds(method: str, repeats: int) -> tuple[float, float]:
+    """(median seconds, compile seconds) of the jitted loss and gradient of ``method``."""
+    config = mid_config(method)
+    _, student_gd, teacher_gd, params, teacher_params = models(config)
+    loss_fn = make_loss_fn(config, student_gd, student_gd, teacher_gd)
+    batch, aux = jax.device_put(batch_and_aux())
+    key = jax.random.key(0)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    start = time.perf_counter()
+    compiled = grad_fn.lower(params, teacher_params, batch, aux, key, 0).compile()
+    compile_s = time.perf_counter() - start
+
+    def run():
+        jax.block_until_ready(compiled(params, teacher_params, batch, aux, key, 0))
+
+    return median_seconds(run, repeats, method), compile_s
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    seconds, compile_s = {}, {}
+    for method in METHODS:
+        seconds[method], compile_s[method] = loss_and_grad_seconds(method, args.repeats)
+    fm = seconds["flow_matching"]
+    print(
+        json.dumps(
+            {
+                "benchmark": "losses",
+                "device": jax.devices()[0].device_kind,
+                "config": DESCRIPTION,
+                "median_s": {m: round(s, 3) for m, s in seconds.items()},
+                "compile_s": {m: round(s, 1) for m, s in compile_s.items()},
+                "scm_over_flow_matching": round(seconds["scm"] / fm, 3),
+                "meanflow_over_flow_matching": round(seconds["meanflow"] / fm, 3),
+                "target": 2.5,
+                "repeats": args.repeats,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

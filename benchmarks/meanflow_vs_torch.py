@@ -1,0 +1,15 @@
+"""One full MeanFlow distillation step in JAX against the paper's PyTorch (issue 8), CPU.
+
+The MeanFlow run of benchmarks/scm_vs_torch.py (its docstring describes both sides):
+
+    .venv/bin/python benchmarks/meanflow_vs_torch.py [--repeats 3]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scm_vs_torch import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("meanflow")

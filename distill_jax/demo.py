@@ -1,0 +1,285 @@
+"""The embedded default: distil the shipped toy teacher with sCM and MeanFlow and measure them.
+
+:func:`run_demo` runs the project end to end on a laptop CPU in minutes:
+
+1. loads the toy teacher of the shapes world (:mod:`distill_jax.toy`, shipped in the package);
+2. distils it with sCM and with MeanFlow through the project's one training loop
+   (:func:`distill_jax.train.train`, the real losses and samplers, ``toy_config(method)``);
+3. samples the teacher at 1, 2, 4 and its full number of Euler steps and each student at 1, 2
+   and 4 steps on the same held-out prompts and noise, and scores every image with
+   :mod:`distill_jax.evaluate`;
+4. writes ``report.json`` (every number, and every sample's prompt, attributes, scores and
+   image path, so any result can be re-scored), ``report.md`` (the table), ``samples.png`` (the
+   same prompts across models) and prints the table.
+
+The work directory keeps the students' training checkpoints: a second call resumes or reuses
+them instead of training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from distill_jax import evaluate, toy
+from distill_jax.data import shapes
+
+log = logging.getLogger(__name__)
+
+METHODS = ("scm", "meanflow")
+STUDENT_STEPS = (1, 2, 4)
+# What the demo is expected to reach: the student's overall accuracy relative to the teacher's
+# at its full number of steps (sCM is the paper's 1-2-step method, MeanFlow its 4-step one).
+TARGETS = {("scm", 1): 0.90, ("scm", 2): 0.95, ("meanflow", 4): 0.95}
+QUICK = {"num_prompts": 8, "train_steps": 4, "batch_size": 8, "grid_prompts": 4}
+FULL = {"num_prompts": 128, "train_steps": None, "batch_size": 32, "grid_prompts": 8}
+
+
+@dataclasses.dataclass
+class _Result:
+    model: str
+    sampler: str
+    steps: int
+    images: np.ndarray
+    accuracy: dict
+    scores: list
+    seconds_per_image: float
+
+
+def _evaluate(pipe, prompts, *, model, sampler, steps, seed, batch_size) -> _Result:
+    """Samples every prompt once and scores it. Seconds per image exclude the first batch (its
+    compilation) unless there is only one batch."""
+    timings: list[float] = []
+    texts = [p.text for p in prompts]
+    images = toy.sample(
+        pipe, texts, method=sampler, steps=steps, seed=seed, batch_size=batch_size, timings=timings
+    )
+    bs = min(batch_size, len(prompts))
+    timed = timings[1:] or timings
+    per_image = sum(timed) / (len(timed) * bs)
+    summary, scores = evaluate.evaluate_images(images, prompts)
+    log.info(
+        "demo: %s %d step(s): overall %.3f, %.4f s/image",
+        model,
+        steps,
+        summary["overall"],
+        per_image,
+    )
+    return _Result(model, sampler, steps, images, summary, scores, per_image)
+
+
+def _distil(teacher: toy.ToyPipeline, method: str, workdir: Path, opts: dict, seed: int):
+    """Trains a ``method`` student of the teacher; returns ``(pipeline, metrics, seconds)``."""
+    from distill_jax.train import train
+
+    config = toy.toy_config(method)
+    config.seed = seed
+    if opts["train_steps"]:
+        config.total_steps = opts["train_steps"]
+        config.log_every = max(1, opts["train_steps"] // 2)
+        config.checkpoint_every = opts["train_steps"]
+        config.data.batch_size = opts["batch_size"]
+    data = toy.shapes_input(teacher, batch_size=config.data.batch_size, seed=seed)
+    start = time.perf_counter()
+    run = train(config, workdir / method, data=data, teacher=teacher.transformer)
+    seconds = time.perf_counter() - start
+    return teacher.with_transformer(run.student()), run.metrics, seconds, config
+
+
+def _grid(results: Sequence[_Result], n: int, path: Path) -> None:
+    """Rows = models, columns = the first ``n`` prompts; 32-pixel images shown 3x."""
+    scale, label_w = 3, 150
+    tile = shapes.SIZE * scale
+    canvas = Image.new("RGB", (label_w + n * (tile + 2), len(results) * (tile + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, res in enumerate(results):
+        y = r * (tile + 2)
+        label = f"{res.model}, {res.steps} step" + ("s" if res.steps > 1 else "")
+        draw.text((4, y + tile // 2 - 6), label, fill="black")
+        for c, image in enumerate(res.images[:n]):
+            im = Image.fromarray(image).resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(im, (label_w + c * (tile + 2), y))
+    canvas.save(path)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _table(rows: Sequence[dict]) -> str:
+    """A Markdown table of the results (accuracies in %)."""
+    head = ["model", "steps", *evaluate.ATTRIBUTES, "vs teacher", "s / image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        acc = row["accuracy"]
+        cells = [row["model"], str(row["steps"]), *(_pct(acc[a]) for a in evaluate.ATTRIBUTES)]
+        cells += [_pct(row["relative_to_teacher"]), f"{row['seconds_per_image']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(
+    workdir: str | Path,
+    *,
+    quick: bool = False,
+    teacher: str | Path = toy.TEACHER_PATH,
+    methods: Sequence[str] = METHODS,
+    num_prompts: int | None = None,
+    train_steps: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Distils the toy teacher with each of ``methods`` and writes the comparison to ``workdir``.
+
+    Args:
+      workdir: output folder: ``report.json``, ``report.md``, ``samples.png``, ``images/`` and
+        the students (``<method>/checkpoints``, ``<method>/student``).
+      quick: a shortened run for tests (8 prompts, 4 training steps per student).
+      teacher: a toy pipeline folder (default: the shipped teacher).
+      methods: distillation methods, any of ``"scm"``, ``"meanflow"``.
+      num_prompts: held-out prompts to evaluate (default 128; quick 8).
+      train_steps: training steps per student (default: ``toy_config(method)``; quick 4).
+      seed: seed of the prompts' noise and of the students' training.
+    Returns:
+      The report (also written to ``report.json``).
+    """
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"run_demo: unknown method(s) {sorted(unknown)}; choose from {METHODS}")
+    opts = dict(QUICK if quick else FULL)
+    opts["num_prompts"] = num_prompts or opts["num_prompts"]
+    opts["train_steps"] = train_steps or opts["train_steps"]
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pipe = toy.load_toy(teacher)
+    meta = json.loads((Path(teacher) / toy.META_FILE).read_text())
+    full_steps = int(meta.get("teacher_steps", toy.TEACHER_STEPS))
+    prompts = shapes.eval_prompts(opts["num_prompts"], seed=seed)
+    kw = dict(seed=seed, batch_size=opts["batch_size"])
+
+    results = [
+        _evaluate(pipe, prompts, model="teacher", sampler="teacher", steps=n, **kw)
+        for n in sorted({*STUDENT_STEPS, full_steps})
+    ]
+    training = {}
+    for method in methods:
+        student, metrics, seconds, config = _distil(pipe, method, workdir, opts, seed)
+        toy.save_toy(
+            student, workdir / method / "student", {"method": method, "teacher": str(teacher)}
+        )
+        training[method] = {
+            "steps": config.total_steps,
+            "batch_size": config.data.batch_size,
+            "lr": config.optim.lr,
+            "seconds": round(seconds, 1),
+            "final_loss": metrics[-1]["train/loss"] if metrics else None,
+            "config": json.loads(config.to_json_best_effort()),
+        }
+        results += [
+            _evaluate(student, prompts, model=method, sampler=method, steps=n, **kw)
+            for n in STUDENT_STEPS
+        ]
+
+    reference = next(r for r in results if r.model == "teacher" and r.steps == full_steps)
+    rows = []
+    for res in results:
+        folder = Path("images") / f"{res.model}_{res.steps}"
+        (workdir / folder).mkdir(parents=True, exist_ok=True)
+        samples = []
+        for i, (p, image, s) in enumerate(zip(prompts, res.images, res.scores, strict=True)):
+            Image.fromarray(image).save(workdir / folder / f"{i:04d}.png")
+            samples.append(
+                {"prompt": p.text, "attributes": p.to_json(), "image": str(folder / f"{i:04d}.png")}
+                | {"scores": s}
+            )
+        ref = reference.accuracy["overall"]
+        rows.append(
+            {
+                "model": res.model,
+                "sampler": res.sampler,
+                "steps": res.steps,
+                "accuracy": res.accuracy,
+                "relative_to_teacher": res.accuracy["overall"] / ref if ref else None,
+                "seconds_per_image": res.seconds_per_image,
+                "samples": samples,
+            }
+        )
+    targets = {}
+    for (method, steps), goal in TARGETS.items():
+        row = next((r for r in rows if r["model"] == method and r["steps"] == steps), None)
+        if row is not None:
+            rel = row["relative_to_teacher"]
+            targets[f"{method}_{steps}_step"] = {
+                "relative_to_teacher": rel,
+                "goal": goal,
+                "met": rel is not None and rel >= goal,
+            }
+    grid_rows = [r for r in results if r.model != "teacher" or r.steps in (1, full_steps)]
+    _grid(grid_rows, opts["grid_prompts"], workdir / "samples.png")
+    report = {
+        "quick": quick,
+        "teacher": {"path": str(teacher), "full_steps": full_steps, **meta.get("training", {})},
+        "prompts": {"split": "eval", "count": len(prompts), "seed": seed},
+        "grid_prompts": opts["grid_prompts"],
+        "training": training,
+        "results": rows,
+        "targets": targets,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (workdir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    table = _table(rows)
+    (workdir / "report.md").write_text(_markdown(report, table))
+    print(table)
+    print(f"demo: {report['seconds']:.0f} s; report in {workdir / 'report.md'}")
+    return report
+
+
+def _markdown(report: dict, table: str) -> str:
+    lines = [
+        "# Toy distillation demo",
+        "",
+        f"Teacher: `{report['teacher']['path']}` ({report['teacher']['full_steps']} Euler steps "
+        "at full quality). Accuracy (%) on "
+        f"{report['prompts']['count']} held-out prompts of the shapes world, one image each, "
+        "scored from the pixels by `distill_jax.evaluate`; `vs teacher` is overall accuracy "
+        "relative to the teacher at its full step count.",
+        "",
+        table,
+        "",
+        "Training: "
+        + "; ".join(
+            f"{m}: {t['steps']} steps, batch {t['batch_size']}, {t['seconds']:.0f} s"
+            for m, t in report["training"].items()
+        ),
+        "",
+        "Targets: "
+        + (
+            "; ".join(
+                f"{k} {_pct(v['relative_to_teacher'])}% of the teacher (goal "
+                f"{100 * v['goal']:.0f}%: {'met' if v['met'] else 'not met'})"
+                for k, v in report["targets"].items()
+            )
+            or "-"
+        ),
+        "",
+        f"Wall time: {report['seconds']:.0f} s. Samples: `samples.png` (rows: models; columns: "
+        "the first prompts below).",
+        "",
+        *(
+            f"{i + 1}. {s['prompt']}"
+            for i, s in enumerate(report["results"][0]["samples"][: report["grid_prompts"]])
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["METHODS", "TARGETS", "run_demo"]
