@@ -489,3 +489,26 @@ def test_prepare_reads_a_built_dataset(pipe, image_ds, prepared, tmp_path):
         want = direct[text(r["key"])]
         for name in ("t5", "pooled"):  # latents differ: their key follows the record index
             np.testing.assert_allclose(r[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_dataset_trains(pipe, prepared, tmp_path):
+    """prepare -> train on the folder above (with its corrupt records): the trainer reads
+    prepare's output in its own layout (scaled [B, C, h, w] latents, embeddings, the stored
+    unconditional embeddings) and takes finite steps on it."""
+    from distill_jax.config import base_config
+    from distill_jax.train import train
+
+    c = base_config()
+    c.method = "flow_matching"
+    c.model.overrides = {
+        "in_channels": 4 * pipe.vae.cfg.latent_channels,
+        "context_dim": pipe.t5.cfg.d_model,
+        "pooled_dim": pipe.clip.cfg.hidden_size,
+    }
+    c.model.dtype = "float32"
+    c.total_steps, c.log_every, c.async_checkpoints = 2, 1, False
+    c.data.kind, c.data.path, c.data.batch_size = "latents", str(prepared), 2
+    c.mesh.devices = 1
+    run = train(c, tmp_path)
+    assert [m["step"] for m in run.metrics] == [1, 2]
+    assert all(np.isfinite(m["train/loss"]) and m["train/skipped_steps"] == 0 for m in run.metrics)
