@@ -4,10 +4,12 @@ Mid-size MMDiT (the config of benchmarks/flux_forward.py): width 512 (8 heads x 
 4 single blocks, 1024 image + 128 text tokens (a 64 x 64 x 16 latent), batch 2. Each step is
 ``jax.jit(jax.value_and_grad(loss_fn))`` of the trainer's own ``distill_jax.train.make_loss_fn``
 (TrigFlow wrapper and logvar head for sCM; label dropout, CFG-MeanFlow and the Δ embedder for
-MeanFlow), XLA attention, default (fixed) switches. Prints the median seconds per step over
-``--repeats`` and the ratios to flow matching as a final JSON line. Target: each ratio <= 2.5.
+MeanFlow), default (fixed) switches, XLA attention in the forward and gradient passes and the
+trainer's tangent-pass attention (``--jvp-attn-impl``, default blockwise). Prints the median
+seconds per step over ``--repeats`` and the ratios to flow matching as a final JSON line.
+Target: each ratio <= 2.5.
 
-    .venv/bin/python benchmarks/losses.py [--repeats 3]
+    .venv/bin/python benchmarks/losses.py [--repeats 3] [--jvp-attn-impl blockwise|xla]
 
 The other distillation benchmarks (train_step.py, scm_vs_torch.py) import the setup below.
 """
@@ -15,6 +17,7 @@ The other distillation benchmarks (train_step.py, scm_vs_torch.py) import the se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -53,34 +56,56 @@ DESCRIPTION = "width 512 (8x64), 2+4 blocks, 1024+128 tokens, batch 2, float32, 
 METHODS = ("flow_matching", "scm", "meanflow")
 
 
-def mid_config(method: str, remat: str = "none") -> ml_collections.ConfigDict:
-    """The trainer's config for ``method`` on the mid-size model, float32."""
+def mid_config(
+    method: str, remat: str = "none", jvp_attn_impl: str | None = None
+) -> ml_collections.ConfigDict:
+    """The trainer's config for ``method`` on the mid-size model, float32; ``jvp_attn_impl``
+    overrides the tangent pass's attention (default: the trainer's, ``"blockwise"``)."""
     c = base_config()
     c.method = method
     c.model.overrides = ml_collections.ConfigDict(MID)
     c.model.dtype = "float32"
     c.model.remat = remat
+    if jvp_attn_impl is not None:
+        c.model.jvp_attn_impl = jvp_attn_impl
     c.data.batch_size = BATCH
     c.data.latent_grid, c.data.latent_channels, c.data.text_len = LATENT, CHANNELS, TEXT
     return c
 
 
-def graphdef(cfg: FluxConfig, config: ml_collections.ConfigDict) -> nnx.GraphDef:
-    return nnx.split(abstract_flux(cfg, remat=config.model.remat, attn_impl="xla"))[0]
+@dataclasses.dataclass
+class Models:
+    """Teacher and student, random weights; the student's shared parameters are the
+    teacher's, as the trainer initialises them."""
+
+    student_cfg: FluxConfig
+    student_gd: nnx.GraphDef  # forward and gradient passes
+    jvp_gd: nnx.GraphDef  # the tangent pass (config.model.jvp_attn_impl)
+    teacher_gd: nnx.GraphDef
+    student_params: nnx.State
+    teacher_params: nnx.State
+
+    def loss_fn(self, config: ml_collections.ConfigDict) -> Callable:
+        """The trainer's ``loss_fn(params, teacher_params, batch, aux, key, step)``."""
+        return make_loss_fn(config, self.student_gd, self.jvp_gd, self.teacher_gd)
 
 
-def models(config: ml_collections.ConfigDict, seed: int = 0):
-    """``(student_cfg, student_gd, teacher_gd, student_params, teacher_params)``, random
-    weights; the student's shared parameters are the teacher's, as the trainer initialises."""
+def models(config: ml_collections.ConfigDict, seed: int = 0) -> Models:
+    m = config.model
     teacher_cfg, student_cfg = model_configs(config, FluxConfig(**MID))
     teacher = Flux(teacher_cfg, rngs=nnx.Rngs(seed))
     student = Flux(student_cfg, rngs=nnx.Rngs(seed + 1))
     teacher_params = nnx.state(teacher, nnx.Param)
     nnx.update(student, teacher_params)
-    return (
+
+    def graphdef(cfg: FluxConfig, attn_impl: str) -> nnx.GraphDef:
+        return nnx.split(abstract_flux(cfg, remat=m.remat, attn_impl=attn_impl))[0]
+
+    return Models(
         student_cfg,
-        graphdef(student_cfg, config),
-        graphdef(teacher_cfg, config),
+        graphdef(student_cfg, m.attn_impl),
+        graphdef(student_cfg, m.jvp_attn_impl),
+        graphdef(teacher_cfg, m.attn_impl),
         nnx.state(student, nnx.Param),
         teacher_params,
     )
@@ -114,31 +139,42 @@ def median_seconds(fn: Callable[[], object], repeats: int, desc: str) -> float:
     return statistics.median(times)
 
 
-def loss_and_grad_seconds(method: str, repeats: int) -> tuple[float, float]:
+def loss_and_grad_seconds(
+    method: str, repeats: int, jvp_attn_impl: str | None = None
+) -> tuple[float, float]:
     """(median seconds, compile seconds) of the jitted loss and gradient of ``method``."""
-    config = mid_config(method)
-    _, student_gd, teacher_gd, params, teacher_params = models(config)
-    loss_fn = make_loss_fn(config, student_gd, student_gd, teacher_gd)
+    config = mid_config(method, jvp_attn_impl=jvp_attn_impl)
+    m = models(config)
     batch, aux = jax.device_put(batch_and_aux())
     key = jax.random.key(0)
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(m.loss_fn(config), has_aux=True))
+    args = (m.student_params, m.teacher_params, batch, aux, key, 0)
     start = time.perf_counter()
-    compiled = grad_fn.lower(params, teacher_params, batch, aux, key, 0).compile()
+    compiled = grad_fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
+    return median_seconds(
+        lambda: jax.block_until_ready(compiled(*args)), repeats, method
+    ), compile_s
 
-    def run():
-        jax.block_until_ready(compiled(params, teacher_params, batch, aux, key, 0))
 
-    return median_seconds(run, repeats, method), compile_s
+def add_jvp_attn_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jvp-attn-impl",
+        default=base_config().model.jvp_attn_impl,
+        help="attention of the student's tangent (JVP) pass (default: the trainer's)",
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    add_jvp_attn_flag(parser)
     args = parser.parse_args()
     seconds, compile_s = {}, {}
     for method in METHODS:
-        seconds[method], compile_s[method] = loss_and_grad_seconds(method, args.repeats)
+        seconds[method], compile_s[method] = loss_and_grad_seconds(
+            method, args.repeats, args.jvp_attn_impl
+        )
     fm = seconds["flow_matching"]
     print(
         json.dumps(
@@ -151,6 +187,7 @@ def main():
                 "scm_over_flow_matching": round(seconds["scm"] / fm, 3),
                 "meanflow_over_flow_matching": round(seconds["meanflow"] / fm, 3),
                 "target": 2.5,
+                "jvp_attn_impl": args.jvp_attn_impl,
                 "repeats": args.repeats,
             }
         )

@@ -2,7 +2,7 @@
 
 The MeanFlow run of benchmarks/scm_vs_torch.py (its docstring describes both sides):
 
-    .venv/bin/python benchmarks/meanflow_vs_torch.py [--repeats 3]
+    .venv/bin/python benchmarks/meanflow_vs_torch.py [--repeats 3] [--jvp-attn-impl blockwise|xla]
 """
 
 import os

@@ -4,7 +4,8 @@ Both sides do the same work on the mid-size MMDiT of benchmarks/losses.py (width
 blocks, 1024 image + 128 text tokens, batch 2, float32): teacher forward, student JVP (MeanFlow:
 also the two CFG student passes), student forward and backward, global-norm clip, AdamW.
 
-- JAX: the trainer's step (``distill_jax.train.make_step``), jitted, state donated.
+- JAX: the trainer's step (``distill_jax.train.make_step``), jitted, state donated; XLA
+  attention, the tangent pass on the trainer's ``jvp_attn_impl`` (``--jvp-attn-impl``).
 - PyTorch: the paper transcription of ``tests/torch_reference.py`` on diffusers'
   ``FluxTransformer2DModel``, eager, ``torch.func.jvp`` under math attention (the other passes
   use PyTorch's default SDPA kernel, the faster choice), ``torch.optim.AdamW``; with 1 and with
@@ -15,6 +16,7 @@ Prints median seconds per step over ``--repeats`` and ``jax_over_torch`` (agains
 thread setting) as a final JSON line. Target: <= 0.8.
 
     .venv/bin/python benchmarks/scm_vs_torch.py [--method scm|meanflow] [--repeats 3]
+        [--jvp-attn-impl blockwise|xla]
 
 benchmarks/meanflow_vs_torch.py runs the MeanFlow comparison.
 """
@@ -35,7 +37,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import torch_reference as ref  # noqa: E402
-from losses import BATCH, DESCRIPTION, LATENT, MID, TEXT, median_seconds  # noqa: E402
+from losses import (  # noqa: E402
+    BATCH,
+    DESCRIPTION,
+    LATENT,
+    MID,
+    TEXT,
+    add_jvp_attn_flag,
+    median_seconds,
+)
 from train_step import compiled_step  # noqa: E402
 
 from distill_jax.models.flux import FluxConfig  # noqa: E402
@@ -88,9 +98,10 @@ def main(method: str | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("scm", "meanflow"), default=method or "scm")
     parser.add_argument("--repeats", type=int, default=3)
+    add_jvp_attn_flag(parser)
     args = parser.parse_args()
 
-    step = compiled_step(args.method)
+    step = compiled_step(args.method, jvp_attn_impl=args.jvp_attn_impl)
     jax_s = median_seconds(step.run, args.repeats, f"jax {args.method}")
     compile_s = step.compile_s
     del step  # the JAX state and teacher
@@ -114,6 +125,7 @@ def main(method: str | None = None):
                 },
                 "target": 0.8,
                 "jax_compile_s": round(compile_s, 1),
+                "jax_jvp_attn_impl": args.jvp_attn_impl,
                 "repeats": args.repeats,
             }
         )

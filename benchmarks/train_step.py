@@ -8,7 +8,7 @@ second (image + text tokens of the batch, ``TOKENS`` per step), what autodiff ke
 backward (``residuals_mb``, the quantity remat controls; as in benchmarks/remat.py) and XLA's
 temporary memory of the step, as a final JSON line.
 
-    .venv/bin/python benchmarks/train_step.py [--repeats 2]
+    .venv/bin/python benchmarks/train_step.py [--repeats 2] [--jvp-attn-impl blockwise|xla]
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from losses import (  # noqa: E402
     DESCRIPTION,
     TOKENS,
+    add_jvp_attn_flag,
     batch_and_aux,
     median_seconds,
     mid_config,
     models,
 )
 
-from distill_jax.train import make_init_fn, make_loss_fn, make_optimizer, make_step  # noqa: E402
+from distill_jax.train import make_init_fn, make_optimizer, make_step  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -45,17 +46,20 @@ class CompiledStep:
     residual_bytes: int  # what autodiff keeps for the backward (parameters included)
 
 
-def compiled_step(method: str, remat: str = "none") -> CompiledStep:
+def compiled_step(
+    method: str, remat: str = "none", jvp_attn_impl: str | None = None
+) -> CompiledStep:
     """The trainer's jitted step of ``method`` on the mid-size model, ready to run."""
-    config = mid_config(method, remat)
-    student_cfg, student_gd, teacher_gd, _, teacher_params = models(config)
+    config = mid_config(method, remat, jvp_attn_impl)
+    m = models(config)
+    teacher_params = m.teacher_params
     tx, schedule = make_optimizer(config.optim, config.total_steps)
-    loss_fn = make_loss_fn(config, student_gd, student_gd, teacher_gd)
+    loss_fn = m.loss_fn(config)
     step_fn = make_step(config, loss_fn, tx, schedule)
     key = jax.random.key(0)
     # Jitted, as the trainer does: eagerly, the student's copies of the teacher's parameters
     # would share the teacher's buffers, which the donated step must not consume.
-    state = jax.jit(make_init_fn(config, student_cfg, tx, {}))(teacher_params, key)
+    state = jax.jit(make_init_fn(config, m.student_cfg, tx, {}))(teacher_params, key)
     batch, aux = jax.device_put(batch_and_aux())
     residuals = jax.eval_shape(
         lambda p: jax.vjp(lambda q: loss_fn(q, teacher_params, batch, aux, key, 0)[0], p)[1],
@@ -85,11 +89,12 @@ def compiled_step(method: str, remat: str = "none") -> CompiledStep:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    add_jvp_attn_flag(parser)
     args = parser.parse_args()
     results = {}
     for method in ("scm", "meanflow"):
         for remat in ("none", "full"):
-            step = compiled_step(method, remat)
+            step = compiled_step(method, remat, args.jvp_attn_impl)
             seconds = median_seconds(step.run, args.repeats, f"{method} remat={remat}")
             results[f"{method}/remat_{remat}"] = {
                 "median_s": round(seconds, 3),
@@ -106,6 +111,7 @@ def main():
                 "device": jax.devices()[0].device_kind,
                 "config": DESCRIPTION,
                 "tokens_per_step": TOKENS,
+                "jvp_attn_impl": args.jvp_attn_impl,
                 "repeats": args.repeats,
                 **results,
             }

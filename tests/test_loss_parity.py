@@ -4,7 +4,8 @@ The reference (``tests/torch_reference.py``) is written from the spec on top of 
 ``FluxTransformer2DModel``, in the paper's units and control flow, with ``torch.func.jvp`` under
 math attention. Both sides see the same weights (converted by ``flux_from_diffusers``), noise,
 times, guidance and dropout mask; torch's gradients are mapped onto our parameter paths by the
-port table. Tiny model (1 double + 1 single block, width 32, guidance on), batch 3, float32.
+port table. Tiny model (1 double + 1 single block, width 32, guidance on), batch 3, float32;
+our tangent pass runs on blockwise attention (the trainer's default) through ``tangent_fn``.
 
 Tolerances (float32): loss values and metrics to ``VALUE_RTOL`` relative; each gradient leaf to
 ``GRAD_RTOL`` of its own largest entry (floored at 1e-2 of the largest gradient anywhere, for
@@ -47,7 +48,9 @@ SCM_STEP = 3000  # tangent warmup r = 0.75: both terms of the target direction c
 # here with r = t); conditional but outside the CFG window (t > 0.8).
 MF_R, MF_T, MF_DROP, MF_CFG_T_MAX = [0.2, 0.5, 0.4], [0.6, 0.5, 0.9], [False, True, False], 0.8
 SCM_T = [0.3, 0.9, 1.3]
-BLOCKWISE = Blockwise(block_q=8, block_kv=8)  # T = 29 tokens: 4 tiles, the last one padded
+# The tangent pass's attention (the trainer's default is blockwise): T = 29 tokens make 4 tiles,
+# the last one padded.
+BLOCKWISE = Blockwise(block_q=8, block_kv=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +187,10 @@ def _call(model: Flux, d: dict, x, s, c, **kw):
 
 
 def jax_loss_fn(
-    w: World, case: Case, student_gd: nnx.GraphDef
+    w: World, case: Case, student_gd: nnx.GraphDef, tangent_gd: nnx.GraphDef
 ) -> Callable[[nnx.State], tuple[jax.Array, dict]]:
-    """``params -> (loss, metrics)`` for the student structure ``student_gd``, wired as
-    ``distill_jax.train.make_loss_fn`` wires it."""
+    """``params -> (loss, metrics)``, wired as ``distill_jax.train.make_loss_fn`` wires it: the
+    student's structure ``student_gd``, and ``tangent_gd`` for the tangent (JVP) pass."""
     d = {k: jnp.asarray(v) for k, v in w.data.items()}
     teacher = w.teacher
     cond = {"t5": d["txt"], "pooled": d["pooled"], "g": d["g"]}
@@ -198,8 +201,8 @@ def jax_loss_fn(
         logvar_time = kw.pop("logvar_time")
 
         def loss_fn(params):
-            def student_fn(x_hat, t, c):
-                model = nnx.merge(student_gd, params)
+            def student_fn(x_hat, t, c, gd=student_gd):
+                model = nnx.merge(gd, params)
                 flow = lambda xs, s: _call(model, d, xs, s, c, return_logvar=True)  # noqa: E731
                 F, logvar = trigflow_velocity(flow, x_hat, t, has_aux=True)
                 if logvar_time == "trig":
@@ -211,7 +214,8 @@ def jax_loss_fn(
 
             return losses.scm_loss(
                 student_fn, teacher_fn, d["x0"], key, step=SCM_STEP, cond=cond,
-                t=d["scm_t"], noise=d["noise"], **kw,
+                t=d["scm_t"], noise=d["noise"],
+                tangent_fn=lambda xh, t, c: student_fn(xh, t, c, gd=tangent_gd), **kw,
             )  # fmt: skip
 
         return loss_fn
@@ -223,24 +227,28 @@ def jax_loss_fn(
     }
 
     def loss_fn(params):
-        def student_fn(z, t, delta, c):
-            return _call(nnx.merge(student_gd, params), d, z, t, c, timestep2=delta)
+        def student_fn(z, t, delta, c, gd=student_gd):
+            return _call(nnx.merge(gd, params), d, z, t, c, timestep2=delta)
 
         return losses.meanflow_loss(
             student_fn, lambda z, t, c: _call(teacher, d, z, t, c), d["x0"], key, cond=cond,
             uncond=uncond, cfg_t_max=MF_CFG_T_MAX, r=d["r"], t=d["t"], noise=d["noise"],
-            drop=d["drop"], **kw,
+            drop=d["drop"], tangent_fn=lambda *a: student_fn(*a, gd=tangent_gd), **kw,
         )  # fmt: skip
 
     return loss_fn
 
 
-def jax_side(w: World, case: Case, attn_impl: Any = "xla") -> Result:
-    """Our loss, metrics and gradients, with the student's attention ``attn_impl``."""
+def jax_side(w: World, case: Case, tangent_impl: Any) -> Result:
+    """Our loss, metrics and gradients: the student on XLA attention, its tangent pass on
+    ``tangent_impl`` (sharing the parameters)."""
     student = w.students[case.method]
     params = nnx.state(student, nnx.Param)
-    graphdef = nnx.split(abstract_flux(student.cfg, attn_impl=attn_impl))[0]
-    step = jax.jit(jax.value_and_grad(jax_loss_fn(w, case, graphdef), has_aux=True))
+    student_gd, tangent_gd = (
+        nnx.split(abstract_flux(student.cfg, attn_impl=impl))[0] for impl in ("xla", tangent_impl)
+    )
+    loss_fn = jax_loss_fn(w, case, student_gd, tangent_gd)
+    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (loss, metrics), grads = step.lower(params).compile(FAST_COMPILE)(params)
     flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     return float(loss), {k: float(v) for k, v in metrics.items()}, flat
@@ -248,15 +256,15 @@ def jax_side(w: World, case: Case, attn_impl: Any = "xla") -> Result:
 
 @pytest.fixture(scope="module")
 def results(world) -> Callable[..., Result]:
-    """``results(side, case name, attn_impl)``, each computed once per module."""
+    """``results(side, case name, tangent_impl)``, each computed once per module."""
     cache: dict[tuple, Result] = {}
 
-    def get(side: str, name: str, attn_impl: Any = "xla") -> Result:
-        key = (side, name, attn_impl)
+    def get(side: str, name: str, tangent_impl: Any = BLOCKWISE) -> Result:
+        key = (side, name, tangent_impl)
         if key not in cache:
             case = CASES[name]
             cache[key] = (
-                torch_side(world, case) if side == "torch" else jax_side(world, case, attn_impl)
+                torch_side(world, case) if side == "torch" else jax_side(world, case, tangent_impl)
             )
         return cache[key]
 
@@ -310,9 +318,8 @@ def test_switches_change_the_gradients(results, method):
 
 
 @pytest.mark.parametrize("name", ["scm_paper", "meanflow_paper"])
-def test_blockwise_attention_gives_the_same_loss_and_gradients(results, name):
-    """The student on blockwise attention (its own JVP rule in the tangent pass, the transposed
-    JVP in the gradient pass; 4 tiles, the last one padded) gives the XLA-attention results.
-    Its tangent alone (``scm_tangent``, ``meanflow_dudt``) is what the losses' targets are made
-    of, so it is checked through them."""
-    assert_same(results("jax", name, BLOCKWISE), results("jax", name))
+def test_tangent_pass_on_blockwise_or_xla_attention_gives_the_same_loss(results, name):
+    """The tangent pass on blockwise attention (its own JVP rule; 4 tiles, the last one padded;
+    the trainer's default ``config.model.jvp_attn_impl``) and on XLA attention give the same
+    loss, metrics (``scm/tangent_norm``, ``meanflow/dudt_norm`` among them) and gradients."""
+    assert_same(results("jax", name, BLOCKWISE), results("jax", name, "xla"))

@@ -45,7 +45,8 @@ def math_attention() -> contextlib.AbstractContextManager:
 
 class X1Flux(nn.Module):
     """The paper's ``TimestepX1GuidanceX1`` FLUX (spec 1.2): stock diffusers blocks, timestep and
-    guidance fed to the sinusoid unscaled, plus the distillation heads when asked for.
+    guidance fed to the sinusoid unscaled, plus the distillation heads when asked for. ``flux``
+    must embed guidance (``guidance_embeds=True``, as FLUX.1-dev and -lite do).
 
     ``delta_embed`` adds ``timestep_embedder2`` (MeanFlow): ``temb += E_2(phi(t - r))``;
     ``logvar_head`` adds ``logvar_linear`` = Linear(D -> 1) on ``temb`` (sCM; xavier-uniform
