@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.sigma = 1.0
     c.loss.ratio_r_neq_t = 0.75
     c.loss.rescale_guidance_range = (2.0, 5.0)
+    # flow_matching: flow times ~ logit-normal(fm_time_mean, fm_time_std); a positive mean
+    # trains more at high noise, where a layout is decided (SD3 samples logit-normal(0, 1)).
+    c.loss.fm_time_mean = 0.0
+    c.loss.fm_time_std = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from distill_jax.config import check_config
 from distill_jax.data.synthetic import SyntheticLatents
 from distill_jax.metrics import MetricWriter, peak_tflops
 from distill_jax.models.flux import Flux, FluxConfig, reset_delta_embedder
-from distill_jax.parameterization import trigflow_velocity
+from distill_jax.parameterization import sample_logit_normal, trigflow_velocity
 from distill_jax.pipeline.latents import image_ids, pack
 from distill_jax.sharding import (
     DEFAULT_RULES,
@@ -112,6 +113,9 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
     lc, method = config.loss, config.method
     slips = losses.paper_slips(method) if lc.paper_slips and method in ("scm", "meanflow") else {}
     guidance_values = jnp.asarray(lc.guidance_values, jnp.float32)
+    # A separate tangent pass only when it uses another attention than the gradient pass;
+    # otherwise the losses take the student's forward from the JVP's primal (one pass, not two).
+    separate_tangent = config.model.jvp_attn_impl != config.model.attn_impl
 
     def loss_fn(params, teacher_params, batch, aux, key, step):
         k_g, k_loss = jax.random.split(key)
@@ -130,7 +134,11 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
 
         if method == "flow_matching":
             return losses.flow_matching_loss(
-                lambda x, s, c: call(student_gd, params, x, s, c), x0, k_loss, cond=cond
+                lambda x, s, c: call(student_gd, params, x, s, c),
+                x0,
+                k_loss,
+                cond=cond,
+                time_sampler=partial(sample_logit_normal, mean=lc.fm_time_mean, std=lc.fm_time_std),
             )
         if method == "rescale":
 
@@ -175,7 +183,11 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
                 p_std=lc.p_std,
                 tangent_warmup_steps=lc.tangent_warmup_steps,
                 tangent_norm_c=lc.tangent_norm_c,
-                tangent_fn=lambda xh, tt, c: student_fn(xh, tt, c, gd=jvp_gd),
+                tangent_fn=(
+                    (lambda xh, tt, c: student_fn(xh, tt, c, gd=jvp_gd))
+                    if separate_tangent
+                    else None
+                ),
                 **slips,
             )
         if method == "meanflow":
@@ -202,7 +214,11 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
                 mu=lc.mu,
                 sigma=lc.sigma,
                 ratio_r_neq_t=lc.ratio_r_neq_t,
-                tangent_fn=lambda z, t, d, c: call(jvp_gd, params, z, t, c, timestep2=d),
+                tangent_fn=(
+                    (lambda z, t, d, c: call(jvp_gd, params, z, t, c, timestep2=d))
+                    if separate_tangent
+                    else None
+                ),
                 **slips,
             )
         raise ValueError(f"unknown method {method!r}")

@@ -38,12 +38,16 @@ def meanflow_dudt(
     ``d(t - r)/dt = 1``. Returns float32 [B, ...].
     """
 
+    return _u_and_dudt(u_fn, z, r, t, v)[1].astype(F32)
+
+
+def _u_and_dudt(u_fn, z: Array, r: Array, t: Array, v: Array) -> tuple[Array, Array]:
+    """``(u(z, t, t - r), du/dt)``: the primal and tangent of :func:`meanflow_dudt`'s JVP."""
+
     def fn(z_, r_, t_):
         return u_fn(z_, t_, t_ - r_)
 
-    tangents = (v.astype(z.dtype), jnp.zeros_like(r), jnp.ones_like(t))
-    _, dudt = jax.jvp(fn, (z, r, t), tangents)
-    return dudt.astype(F32)
+    return jax.jvp(fn, (z, r, t), (v.astype(z.dtype), jnp.zeros_like(r), jnp.ones_like(t)))
 
 
 def meanflow_loss(
@@ -100,7 +104,9 @@ def meanflow_loss(
       use_cfg: the paper's ``--use_cfg_meanflow`` (static; False skips the two CFG passes).
       r, t, noise, drop: optional fixed times [B], noise [B, ...], dropout mask [B] bool.
       tangent_fn: the same function as ``student_fn`` for the JVP pass (under stop-gradient),
-        e.g. the student with a memory-frugal attention that defines a JVP; default student_fn.
+        e.g. the student with a memory-frugal attention that defines a JVP. By default (None)
+        one ``jax.jvp`` of ``student_fn`` gives both ``u`` (differentiated by the caller) and
+        ``du/dt``, so the student's forward runs once; with ``tangent_fn`` it runs twice.
     Returns:
       ``(loss, metrics)``, float32 scalars ``meanflow/loss``, ``meanflow/mse`` (mean square error
       element-wise), ``meanflow/cfg_fraction``, ``meanflow/drop_fraction``,
@@ -132,7 +138,6 @@ def meanflow_loss(
     z_t = (1.0 - tb).astype(F32) * x0 + tb.astype(F32) * eps
     v_gt = eps - x0
 
-    u = student_fn(z_t, t, delta, cond_in).astype(F32)
     v_T = sg(teacher_fn(z_t, t, cond_in)).astype(F32)
 
     cfg_mask = (t >= cfg_t_min) & (t <= cfg_t_max) & ~drop & use_cfg
@@ -148,8 +153,14 @@ def meanflow_loss(
     v_tan = jnp.where(m, v_mix, v_plain_tan)
     v_tgt = jnp.where(m, v_mix, v_T)
 
-    jvp_fn = tangent_fn or student_fn
-    dudt = sg(meanflow_dudt(lambda z, tt, d: jvp_fn(z, tt, d, cond_in), z_t, r, t, v_tan))
+    if tangent_fn is None:
+        # One pass: the JVP's primal u(z_t, t, t - r) is the student's forward that the caller
+        # differentiates (only the tangent is stopped), so the student runs forward once.
+        u, dudt = _u_and_dudt(lambda z, tt, d: student_fn(z, tt, d, cond_in), z_t, r, t, v_tan)
+    else:
+        u = student_fn(z_t, t, delta, cond_in)
+        dudt = meanflow_dudt(lambda z, tt, d: tangent_fn(z, tt, d, cond_in), z_t, r, t, v_tan)
+    u, dudt = u.astype(F32), sg(dudt).astype(F32)
     u_tgt = sg(v_tgt - bcast(delta, x0) * dudt)
 
     axes = tuple(range(1, x0.ndim))

@@ -49,11 +49,15 @@ def scm_tangent(
     ``(cos t sin t F_teacher, cos t sin t)``, i.e. ``cs (d_x F . F_T + d_t F)``. Returns float32
     [B, ...]; the caller stops its gradient.
     """
+    _, dF = jax.jvp(F_fn, (x_hat, t), _tangents(x_hat, t, F_teacher, time_dtype))
+    return dF.astype(F32)
+
+
+def _tangents(x_hat: Array, t: Array, F_teacher: Array, time_dtype: Any) -> tuple[Array, Array]:
+    """``(cos t sin t F_teacher, cos t sin t)``: the direction of :func:`scm_tangent`'s JVP."""
     c, s = _trig(t, time_dtype)
     cs = c * s
-    tangents = ((bcast(cs, x_hat) * F_teacher.astype(F32)).astype(x_hat.dtype), cs.astype(t.dtype))
-    _, dF = jax.jvp(F_fn, (x_hat, t), tangents)
-    return dF.astype(F32)
+    return (bcast(cs, x_hat) * F_teacher.astype(F32)).astype(x_hat.dtype), cs.astype(t.dtype)
 
 
 def scm_loss(
@@ -104,7 +108,10 @@ def scm_loss(
       t, noise: optional fixed TrigFlow times [B] and noise [B, ...] (override the sampling; for
         parity tests against a transcription of the paper's code).
       tangent_fn: the same function as ``student_fn`` for the JVP pass (under stop-gradient),
-        e.g. the student with a memory-frugal attention that defines a JVP; default student_fn.
+        e.g. the student with a memory-frugal attention that defines a JVP. By default (None)
+        one ``jax.jvp`` of ``student_fn`` gives both ``F`` (differentiated by the caller) and
+        ``dF``, so the student's forward runs once; with ``tangent_fn`` it runs twice, once in
+        each function.
     Returns:
       ``(loss, metrics)``: float32 scalars ``scm/loss``, ``scm/l2`` (mean square of the normalised
       g), ``scm/g_norm`` (mean per-sample ``||g||`` before normalisation), ``scm/mean_weight``,
@@ -120,12 +127,23 @@ def scm_loss(
     cb, sb = bcast(c, x0), bcast(s, x0)
     x_hat = cb * x0 + sb * z
 
-    def student_F(xh: Array, tt: Array) -> Array:
-        return (tangent_fn or student_fn)(xh, tt, cond)[0]
-
     F_T = sg(teacher_fn(x_hat, t, cond)).astype(F32)
-    dF = sg(scm_tangent(student_F, x_hat, t, F_T, time_dtype=time_dtype))
-    F, logvar = student_fn(x_hat, t, cond)
+    if tangent_fn is None:
+        # One pass: the JVP's primal is the student's forward that the caller differentiates
+        # (only the tangent is stopped), so the student runs forward once, not twice.
+        (F, logvar), (dF, _) = jax.jvp(
+            lambda xh, tt: student_fn(xh, tt, cond),
+            (x_hat, t),
+            _tangents(x_hat, t, F_T, time_dtype),
+        )
+        dF = sg(dF).astype(F32)
+    else:
+        dF = sg(
+            scm_tangent(
+                lambda xh, tt: tangent_fn(xh, tt, cond)[0], x_hat, t, F_T, time_dtype=time_dtype
+            )
+        )
+        F, logvar = student_fn(x_hat, t, cond)
     F = F.astype(F32)
     if logvar is None:  # no adaptive-weight head: plain weighting w
         logvar = jnp.zeros(x0.shape[:1], F32)
