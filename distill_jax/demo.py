@@ -39,8 +39,9 @@ STUDENT_STEPS = (1, 2, 4)
 # What the demo is expected to reach: the student's overall accuracy relative to the teacher's
 # at its full number of steps (sCM is the paper's 1-2-step method, MeanFlow its 4-step one).
 TARGETS = {("scm", 1): 0.90, ("scm", 2): 0.95, ("meanflow", 4): 0.95}
-QUICK = {"num_prompts": 8, "train_steps": 4, "batch_size": 8, "grid_prompts": 4}
-FULL = {"num_prompts": 128, "train_steps": None, "batch_size": 32, "grid_prompts": 8}
+# train_steps / train_batch None: as toy_config(method) says.
+QUICK = dict(num_prompts=8, train_steps=4, train_batch=8, sample_batch=8, grid_prompts=4)
+FULL = dict(num_prompts=256, train_steps=None, train_batch=None, sample_batch=64, grid_prompts=8)
 
 
 @dataclasses.dataclass
@@ -77,16 +78,18 @@ def _evaluate(pipe, prompts, *, model, sampler, steps, seed, batch_size) -> _Res
 
 
 def _distil(teacher: toy.ToyPipeline, method: str, workdir: Path, opts: dict, seed: int):
-    """Trains a ``method`` student of the teacher; returns ``(pipeline, metrics, seconds)``."""
+    """Trains a ``method`` student of the teacher in ``workdir/method`` (resuming what is
+    there); returns ``(student pipeline, logged metrics, seconds, config)``."""
     from distill_jax.train import train
 
     config = toy.toy_config(method)
     config.seed = seed
     if opts["train_steps"]:
         config.total_steps = opts["train_steps"]
-        config.log_every = max(1, opts["train_steps"] // 2)
+        config.log_every = max(1, min(config.log_every, opts["train_steps"] // 2))
         config.checkpoint_every = opts["train_steps"]
-        config.data.batch_size = opts["batch_size"]
+    if opts["train_batch"]:
+        config.data.batch_size = opts["train_batch"]
     data = toy.shapes_input(teacher, batch_size=config.data.batch_size, seed=seed)
     start = time.perf_counter()
     run = train(config, workdir / method, data=data, teacher=teacher.transformer)
@@ -144,7 +147,7 @@ def run_demo(
       quick: a shortened run for tests (8 prompts, 4 training steps per student).
       teacher: a toy pipeline folder (default: the shipped teacher).
       methods: distillation methods, any of ``"scm"``, ``"meanflow"``.
-      num_prompts: held-out prompts to evaluate (default 128; quick 8).
+      num_prompts: held-out prompts to evaluate (default 256; quick 8).
       train_steps: training steps per student (default: ``toy_config(method)``; quick 4).
       seed: seed of the prompts' noise and of the students' training.
     Returns:
@@ -163,7 +166,7 @@ def run_demo(
     meta = json.loads((Path(teacher) / toy.META_FILE).read_text())
     full_steps = int(meta.get("teacher_steps", toy.TEACHER_STEPS))
     prompts = shapes.eval_prompts(opts["num_prompts"], seed=seed)
-    kw = dict(seed=seed, batch_size=opts["batch_size"])
+    kw = dict(seed=seed, batch_size=opts["sample_batch"])
 
     results = [
         _evaluate(pipe, prompts, model="teacher", sampler="teacher", steps=n, **kw)

@@ -62,8 +62,8 @@ def test_captions_match_the_rendered_pixels(split):
             tol = sum(p.size / 2 for p in mine) + 1.0
             assert abs(got - want) <= tol, (ex.prompt.text, color, got, want)
         for p in ex.placed:
-            assert p.size / 2 < p.cx < shapes.SIZE - p.size / 2
-            assert p.size / 2 < p.cy < shapes.SIZE - p.size / 2
+            assert p.size / 2 <= p.cx <= shapes.SIZE - p.size / 2
+            assert p.size / 2 <= p.cy <= shapes.SIZE - p.size / 2
             centre = ex.image[int(p.cy), int(p.cx)]
             np.testing.assert_array_equal(centre, shapes.COLORS[p.obj.color])
         if ex.prompt.relation:
