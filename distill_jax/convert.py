@@ -453,10 +453,16 @@ def load_pipeline(
 
 
 def save_model(
-    model: nnx.Module, dst: str | Path, *, overwrite: bool = False, source: Mapping | None = None
+    model: nnx.Module,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    source: Mapping | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Writes ``model`` (e.g. a trained student) as a converted component folder, which
-    :func:`load_model` and :func:`export` read; sharded arrays are saved as they lie."""
+    :func:`load_model` and :func:`export` read; sharded arrays are saved as they lie. ``dtype``
+    (e.g. ``"bfloat16"``) stores the parameters cast to it; by default they keep their own."""
     name = next((n for n, c in COMPONENTS.items() if isinstance(model, c.model)), None)
     if name is None:
         raise TypeError(
@@ -464,7 +470,7 @@ def save_model(
             f"{[c.model.__name__ for c in COMPONENTS.values()]}"
         )
     params = {
-        ".".join(map(str, p)): v.get_value()
+        ".".join(map(str, p)): v.get_value() if dtype is None else v.get_value().astype(dtype)
         for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
     dtypes = {np.dtype(v.dtype).name for v in params.values()}

@@ -237,16 +237,8 @@ def sample(
 # --- saving and loading ---------------------------------------------------------------------
 
 
-def _cast(model: nnx.Module, dtype: Any) -> nnx.Module:
-    """A copy of ``model`` with every parameter stored in ``dtype``."""
-    model = nnx.clone(model)
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.set_value(var.get_value().astype(dtype))
-    return model
-
-
 def save_toy(
-    pipeline: ToyPipeline, dst: str | Path, meta: dict | None = None, *, dtype: Any = None
+    pipeline: ToyPipeline, dst: str | Path, meta: dict | None = None, *, dtype: str | None = None
 ) -> Path:
     """Writes ``dst/transformer`` and ``dst/text_encoder_2`` as converted components, with the
     converted-folder marker (so ``load_flux(dst)`` and ``config.teacher.path=dst`` work), and
@@ -258,7 +250,7 @@ def save_toy(
     dst.mkdir(parents=True, exist_ok=True)
     parts = {"transformer": pipeline.transformer, "text_encoder_2": pipeline.text.t5}
     for name, model in parts.items():
-        save_model(model if dtype is None else _cast(model, dtype), dst / name, overwrite=True)
+        save_model(model, dst / name, overwrite=True, dtype=dtype)
     index = {"format": "distill-jax", "version": 1, "components": COMPONENTS, "copied": []}
     (dst / MARKER).write_text(json.dumps({**index, "source": {"format": "toy"}}, indent=2) + "\n")
     world = {"size": shapes.SIZE, "patch": PATCH, "vocab": list(shapes.VOCAB)}
