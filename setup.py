@@ -2,10 +2,14 @@
 
 from setuptools import find_packages, setup
 
+# jax and jaxlib release in lockstep, and jax's accelerator extras (below) pin jaxlib to jax's own
+# version, so one constant drives the jax, jaxlib and accelerator pins.
+JAX_VERSION = "0.10.2"
+
 # Pinned together and tested on CPython 3.11 (CPU). Bump them as a set.
 RUNTIME = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
@@ -37,6 +41,15 @@ TEST = [
     "ruff",
 ]
 
+# `pip install -e ".[tpu]"` / `".[cuda]"` on accelerator hosts: jax's own extras at the pinned jax.
+# tpu pulls libtpu from PyPI (Cloud TPU VMs); cuda12 pulls jax-cuda12-plugin with the NVIDIA CUDA 12
+# wheels, so the host needs only a driver. cpu is the default jaxlib and adds nothing.
+ACCELERATORS = {
+    "cpu": [],
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
+}
+
 setup(
     name="distill-jax",
     version="0.1.0",
@@ -47,6 +60,6 @@ setup(
     packages=find_packages(include=["distill_jax", "distill_jax.*"]),
     package_data={"distill_jax": ["assets/**/*"]},  # the toy teacher of the demo
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, **ACCELERATORS},
     entry_points={"console_scripts": ["distill-jax = distill_jax.cli:main"]},
 )
