@@ -23,6 +23,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from distill_jax import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,9 @@ class Checkpoints:
                     err,
                     aside.name,
                 )
-                (self.directory / str(step)).rename(aside)
+                if distributed.is_primary():  # one host moves it; the others wait
+                    (self.directory / str(step)).rename(aside)
+                distributed.sync(f"checkpoint-unreadable-{step}")
                 self.manager.reload()
                 continue
             log.info("checkpoint: restored step %d from %s", step, self.directory)
@@ -108,22 +112,46 @@ class Checkpoints:
 
 
 class Preemption:
-    """Turns SIGTERM (a preemption notice) into a flag the training loop polls.
+    """A preemption notice (SIGTERM) as a step at which every host stops together.
 
-    Use as a context manager; the previous handler is restored on exit. Only the main thread can
-    install signal handlers; elsewhere the flag simply never fires.
+    Use as a context manager and ask :meth:`reached` once per step, on every host, with the same
+    steps. In a multi-host job JAX's preemption service owns SIGTERM: a notice to any host is
+    propagated to all, and they agree on one step to checkpoint at, so the saved step is the same
+    everywhere. In a single process the handler sets a flag instead (restored on exit; only the
+    main thread can install it, elsewhere the flag never fires).
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.signals = signals
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._service = False
 
     def _handle(self, signum, frame):  # noqa: ARG002
         log.warning("received signal %d: saving a checkpoint and stopping", signum)
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Whether to checkpoint and stop after ``step`` (the same answer on every host)."""
+        if self._service:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+            if self.requested:
+                log.warning("preemption: all hosts stop after step %d", step)
+        return self.requested
+
     def __enter__(self) -> Preemption:
+        from jax._src import distributed
+
+        self._service = distributed.global_state.preemption_sync_manager is not None
+        if self._service:
+            return self
+        if distributed.global_state.num_processes and distributed.global_state.num_processes > 1:
+            log.warning(
+                "JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM "
+                "stops only the host that receives it"
+            )
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -8,6 +8,10 @@
     distill-jax demo [--workdir DIR]
     distill-jax geneval --checkpoint DIR --metadata evaluation_metadata.jsonl --out DIR
 
+``train``, ``sample``, ``geneval`` and ``prepare`` also run on many hosts (``--multihost``, or an
+explicit ``--coordinator-address/--num-processes/--process-id``): the distributed runtime starts
+before anything touches a device (:mod:`distill_jax.distributed`).
+
 Each verb registers its flags, and its ``run`` logs the process, the devices and the arguments and
 calls one library function; everything a verb does is that function in a notebook. Adding a verb is
 a local change: write ``_add_<verb>(subparsers)`` and list it in :data:`VERBS`. jax and the models
@@ -52,6 +56,75 @@ def _guidance(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """The flags that join a verb's processes into one multi-host job (see
+    :mod:`distill_jax.distributed`); ``python -m distill_jax.distributed`` runs a local one."""
+    import os
+
+    env = os.environ.get
+    g = p.add_argument_group(
+        "multi-host",
+        "Run the same command on every host. --multihost joins a cluster JAX detects (Cloud "
+        "TPU, GKE, SLURM, Open MPI); elsewhere give all three of --coordinator-address, "
+        "--num-processes and --process-id (defaults: $DISTILL_JAX_COORDINATOR, "
+        "$DISTILL_JAX_NUM_PROCESSES, $DISTILL_JAX_PROCESS_ID).",
+    )
+    g.add_argument("--multihost", action="store_true", help="join the auto-detected cluster")
+    g.add_argument(
+        "--coordinator-address",
+        default=env("DISTILL_JAX_COORDINATOR"),
+        metavar="HOST:PORT",
+        help="process 0's address, reachable from every host",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=int(env("DISTILL_JAX_NUM_PROCESSES", "0")) or None,
+        metavar="N",
+        help="processes in the job",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        default=int(env("DISTILL_JAX_PROCESS_ID", "-1")) if env("DISTILL_JAX_PROCESS_ID") else None,
+        metavar="I",
+        help="this process, 0 to N-1",
+    )
+    g.add_argument(
+        "--distributed-timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="how long a process waits for its peers before failing (default: 300)",
+    )
+
+
+def _join_hosts(args: argparse.Namespace) -> None:
+    """Starts the distributed runtime, before anything touches a device, when the verb's flags
+    (or, for train, ``config.multihost``) ask for several hosts."""
+    import os
+
+    from distill_jax import distributed
+
+    if not hasattr(args, "multihost"):  # a verb that runs on one host
+        return
+    config = getattr(args, "config_dict", None)
+    wanted = args.multihost or args.coordinator_address or (config is not None and config.multihost)
+    if not wanted:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            log.warning(
+                "SLURM runs %s tasks but --multihost is not set: each process runs alone",
+                os.environ["SLURM_NTASKS"],
+            )
+        return
+    distributed.initialize(
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        timeout_s=args.distributed_timeout,
+    )
+
+
 def _log_context(args: argparse.Namespace) -> None:
     import jax
 
@@ -65,7 +138,8 @@ def _log_context(args: argparse.Namespace) -> None:
         jax.local_device_count(),
         ", ".join(kinds),
     )
-    log.info("arguments: %s", {k: v for k, v in vars(args).items() if k not in ("run", "verb")})
+    hidden = ("run", "verb", "config_dict")
+    log.info("arguments: %s", {k: v for k, v in vars(args).items() if k not in hidden})
 
 
 # --- convert ----------------------------------------------------------------------------------
@@ -200,7 +274,8 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
         help="prompts -> PNG images from a converted pipeline",
         description="Generates one image per prompt with a converted pipeline (distill-jax "
         "convert of a diffusers FLUX pipeline, possibly with a distilled transformer) and writes "
-        "00000.png, 00001.png, ... (prompt in the PNG text) and grid.png to --out.",
+        "00000.png, 00001.png, ... (prompt in the PNG text) and grid.png to --out. On several "
+        "hosts each generates and writes its share of the prompts.",
     )
     p.add_argument("ckpt", metavar="CKPT", help="a converted distill-jax pipeline folder")
     p.add_argument(
@@ -247,6 +322,7 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="parameter dtype to load (default: as stored)",
     )
+    _add_distributed(p)
     p.set_defaults(run=_run_sample)
 
 
@@ -254,14 +330,14 @@ def _run_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
     from distill_jax.convert import load_pipeline
-    from distill_jax.pipeline.generate import generate
-    from distill_jax.pipeline.images import save_images
+    from distill_jax.pipeline.generate import generate_to_folder
 
     noise = None if args.init_noise is None else np.load(args.init_noise)
     pipeline = load_pipeline(args.ckpt, dtype=args.dtype)
-    images = generate(
+    paths = generate_to_folder(
         pipeline,
         args.prompts,
+        args.out,
         height=args.height,
         width=args.width,
         steps=args.steps,
@@ -271,7 +347,6 @@ def _run_sample(args: argparse.Namespace) -> None:
         method=args.method,
         max_sequence_length=args.max_sequence_length,
     )
-    paths = save_images(images, args.out, args.prompts, grid=True)
     log.info("wrote %d file(s) to %s", len(paths), args.out)
 
 
@@ -314,15 +389,14 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="with --dry-run: N CPU devices stand in for missing accelerators",
     )
+    _add_distributed(p)
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
     import json
 
-    from distill_jax.config import load_config
-
-    config = load_config(args.config, args.config_overrides)
+    config = args.config_dict
     if args.dry_run:
         from distill_jax.train import plan_memory
 
@@ -376,6 +450,7 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
         default="bfloat16",
         help="stored dtype (default: bfloat16)",
     )
+    _add_distributed(p)
     p.set_defaults(run=_run_prepare)
 
 
@@ -449,6 +524,7 @@ def _add_geneval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=512, help="pixels (default: 512)")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--seed", type=int, default=42, help="seed (default: 42, as the paper)")
+    _add_distributed(p)
     p.set_defaults(run=_run_geneval)
 
 
@@ -509,15 +585,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             + f" --xla_force_host_platform_device_count={args.fake_devices}"
         )
         os.environ["JAX_PLATFORMS"] = "cpu"
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every read at INFO
-    _log_context(args)
+    from distill_jax import distributed
+
+    distributed.configure_logging(args.verbose)
     try:
+        if args.verb == "train":
+            from distill_jax.config import load_config
+
+            args.config_dict = load_config(args.config, args.config_overrides)
+        _join_hosts(args)  # before the first device is touched
+        distributed.configure_logging(args.verbose)  # now the level follows the process index
+        _log_context(args)
         args.run(args)
-    except (ValueError, OSError, ImportError) as err:  # bad input: the message says what
+    except (ValueError, OSError, ImportError, distributed.DistributedError) as err:
+        # bad input or a job that could not form: the message says what
         print(f"distill-jax {args.verb}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.devices = -1  # how many devices the mesh uses (-1: all)
     c.mesh.rules = ml_collections.ConfigDict()  # overrides of sharding.DEFAULT_RULES
     c.mesh.replicated_threshold_bytes = 1 << 20  # assert nothing larger is replicated
-    c.multihost = False  # call jax.distributed.initialize() first
+    c.multihost = False  # join the auto-detected cluster first (the CLI's --multihost)
     c.peak_tflops_per_device = 0.0  # for MFU when the device is not in the known table
     return c
 

@@ -38,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from distill_jax import distributed
 from distill_jax.data import shapes
 
 log = logging.getLogger(__name__)
@@ -250,17 +251,27 @@ def generate_geneval(
         the toy takes ``guidance=None``.
       size: image side in pixels (converted pipelines; the toy's images are 32 pixels).
       batch_size: images per sampler call (default: ``samples``, one prompt per call).
+    On several hosts (``distill-jax geneval --multihost``), host ``p`` of ``P`` takes prompts
+    ``p, p + P, ...`` on its own devices; the folder must be shared (or gathered afterwards).
+
     Returns:
-      ``{"prompts", "generated", "skipped", "seconds"}``.
+      ``{"prompts", "generated", "skipped", "seconds"}``: all prompts, and this host's generated
+      and already-present ones.
     """
     rows = read_geneval_metadata(metadata_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(len(rows)) if not (out / f"{i:05d}").is_dir()]
+    mine = distributed.my_share(len(rows))  # every prompt on exactly one host
+    todo = [i for i in mine if not (out / f"{i:05d}").is_dir()]
+    index, count = distributed.process()
     log.info(
-        "geneval: %d prompts, %d already done in %s; %s, %d step(s), guidance %s",
+        "geneval: %d prompts, host %d of %d takes %d, %d of them already done in %s; %s, "
+        "%d step(s), guidance %s",
         len(rows),
-        len(rows) - len(todo),
+        index,
+        count,
+        len(mine),
+        len(mine) - len(todo),
         out,
         method,
         steps,
@@ -276,7 +287,10 @@ def generate_geneval(
             size=size,
             batch_size=batch_size or samples,
         )
-    for i in tqdm(todo, desc="geneval", unit="prompt", disable=not todo):
+    bar = tqdm(
+        todo, desc="geneval", unit="prompt", disable=not todo or not distributed.is_primary()
+    )
+    for i in bar:
         images = images_of([rows[i]["prompt"]] * samples, seed + i)
         tmp = out / f".{i:05d}.partial"
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
@@ -286,10 +300,11 @@ def generate_geneval(
             Image.fromarray(image).save(tmp / "samples" / f"{j:04d}.png")
         tmp.rename(out / f"{i:05d}")
     seconds = time.perf_counter() - start
+    distributed.sync("geneval-done")  # the folder is complete when any host returns
     return {
         "prompts": len(rows),
         "generated": len(todo),
-        "skipped": len(rows) - len(todo),
+        "skipped": len(mine) - len(todo),
         "seconds": seconds,
     }
 

@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,9 +33,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distill_jax import losses
+from distill_jax import distributed, losses
 from distill_jax.checkpoint import Checkpoints, Preemption
 from distill_jax.config import check_config
+from distill_jax.data import input_pipeline
 from distill_jax.data.synthetic import SyntheticLatents
 from distill_jax.metrics import MetricWriter, peak_tflops
 from distill_jax.models.flux import Flux, FluxConfig, reset_delta_embedder
@@ -285,9 +285,10 @@ def make_step(config, loss_fn, tx, schedule) -> Callable:
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
             loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
 
-        finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        # A finite gradient can still give a non-finite update (a NaN learning rate, say).
+        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new = dict(state)
         new["params"] = keep(new_params, params)
@@ -366,8 +367,8 @@ def rescale_refits(teacher_params: nnx.State, student_cfg: FluxConfig) -> dict[s
             continue
         layer = teacher_params[name]["in_layer"]
         kernel, bias, residual = losses.refit_time_embedding(
-            np.asarray(jax.device_get(layer["kernel"].get_value()), np.float64),
-            np.asarray(jax.device_get(layer["bias"].get_value()), np.float64),
+            distributed.host_values(layer["kernel"].get_value()).astype(np.float64),
+            distributed.host_values(layer["bias"].get_value()).astype(np.float64),
             grid=grid,
             dim=student_cfg.time_embed_dim,
         )
@@ -380,8 +381,19 @@ def rescale_refits(teacher_params: nnx.State, student_cfg: FluxConfig) -> dict[s
 # --- data -----------------------------------------------------------------------------------
 
 
-def make_input(config, student_cfg: FluxConfig):
-    """A grain iterator of per-host batches (with ``get_state``/``set_state``) and ``aux``."""
+def host_rows(sharding: NamedSharding, global_batch: int) -> np.ndarray:
+    """The rows of a ``[global_batch, ...]`` array that this host's devices hold under
+    ``sharding``: what this host reads of each global batch (sorted)."""
+    index = sharding.addressable_devices_indices_map((global_batch,))
+    return np.asarray(
+        sorted({r for idx in index.values() for r in range(*idx[0].indices(global_batch))})
+    )
+
+
+def make_input(config, student_cfg: FluxConfig, rows: np.ndarray | None = None):
+    """A grain iterator of this host's ``rows`` of every global batch (default: all rows; see
+    :func:`distill_jax.data.input_pipeline.global_batches`) with ``get_state``/``set_state``, and
+    ``aux``. The sequence of global batches does not depend on the number of processes."""
     dc = config.data
     if dc.kind == "synthetic":
         source = SyntheticLatents(
@@ -397,23 +409,19 @@ def make_input(config, student_cfg: FluxConfig):
             "uncond_t5": np.zeros((dc.text_len, student_cfg.context_dim), np.float32),
             "uncond_pooled": np.zeros((student_cfg.pooled_dim,), np.float32),
         }
-        per_host = dc.batch_size // jax.process_count()
-        ds = (
-            grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
-            .shuffle(seed=dc.shuffle_seed)
-            .repeat()
-            .batch(per_host, drop_remainder=True)
+        batches = input_pipeline.global_batches(
+            source, global_batch=dc.batch_size, rows=rows, seed=dc.shuffle_seed
         )
-        return iter(ds.to_iter_dataset()), aux
+        return iter(batches), aux
     if dc.kind == "latents":
-        return _prepared_latents(dc)
+        return _prepared_latents(dc, rows)
     raise ValueError(f"config.data.kind={dc.kind!r}: 'synthetic' or 'latents'")
 
 
-def _prepared_latents(dc):
+def _prepared_latents(dc, rows):
     """Batches of a ``distill-jax prepare`` dataset in the trainer's layout: standard-unit
     latents ``(z - shift) * scale`` as ``[B, C, h, w]``, float32 embeddings."""
-    from distill_jax.data import builders, input_pipeline
+    from distill_jax.data import builders
     from distill_jax.data.prepare import UNCOND_FILE
 
     if not dc.path:
@@ -437,16 +445,28 @@ def _prepared_latents(dc):
             "pooled": np.asarray(b["pooled"], np.float32),
         }
 
-    ds = input_pipeline.make_dataset(
-        dc.path, batch_size=dc.batch_size // jax.process_count(), seed=dc.shuffle_seed
+    ds = input_pipeline.latent_batches(
+        dc.path, global_batch=dc.batch_size, rows=rows, seed=dc.shuffle_seed
     )
     return iter(ds.map(to_trainer)), aux
 
 
-def _device_batch(batch: dict, sharding: NamedSharding) -> dict:
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+def _device_batch(batch: dict, sharding: NamedSharding, rows: np.ndarray, size: int) -> dict:
+    """This host's ``rows`` of a global batch of ``size`` -> global arrays under ``sharding``."""
+    position = np.full(size, -1)
+    position[rows] = np.arange(len(rows))
+
+    def put(v):
+        v = np.asarray(v)
+        if len(v) != len(rows):
+            raise ValueError(
+                f"the input gave {len(v)} rows; this host holds {len(rows)} of the global batch"
+            )
+        return jax.make_array_from_callback(
+            (size, *v.shape[1:]), sharding, lambda idx: v[position[idx[0]]]
+        )
+
+    return {k: put(v) for k, v in batch.items()}
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -463,7 +483,8 @@ class Run:
     stopped_early: bool
 
     def student(self) -> Flux:
-        return nnx.merge(self.graphdef, jax.device_get(self.state["params"]))
+        """The trained student on the host (gathered from every process: all must call it)."""
+        return nnx.merge(self.graphdef, distributed.host_values(self.state["params"]))
 
 
 def _teacher(config, mesh, rules) -> tuple[FluxConfig, nnx.State | None]:
@@ -591,7 +612,7 @@ def train(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if config.multihost:
-        jax.distributed.initialize()
+        distributed.initialize()  # auto-detected cluster; a no-op when the CLI joined already
     mesh, rules = mesh_and_rules(config)
     log.info(
         "process %d/%d, %d devices (%s), mesh %s",
@@ -611,7 +632,9 @@ def train(
     )
 
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    data_iter, aux = data if data is not None else make_input(config, setup.student_cfg)
+    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    rows = host_rows(batch_sh, config.data.batch_size)
+    data_iter, aux = data if data is not None else make_input(config, setup.student_cfg, rows)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), setup.abstract, state_sh
     )
@@ -624,7 +647,6 @@ def train(
         with jax.set_mesh(mesh):
             state = jax.jit(init_fn, out_shardings=state_sh)(teacher_params, root)
 
-    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     teacher_sh = setup.teacher_sh
     jitted = jax.jit(
@@ -634,7 +656,9 @@ def train(
         donate_argnums=(0,),
     )
     aux = jax.device_put(aux, replicated)
-    writer = MetricWriter(workdir) if jax.process_index() == 0 else None
+    # The step's key lives replicated on the mesh (not on one device) before the loop starts.
+    root = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
+    writer = MetricWriter(workdir) if distributed.is_primary() else None
     config_json = json.loads(config.to_json_best_effort())
 
     def save(step, force=False):
@@ -656,13 +680,15 @@ def train(
         total=config.total_steps,
         initial=step,
         desc=f"train {config.method}",
-        disable=jax.process_index() != 0,
+        disable=not distributed.is_primary(),
         dynamic_ncols=True,
     )
+    # The batch is the loop's one intended host-to-device transfer; any other is an error.
+    guard = partial(jax.transfer_guard, "disallow")
     with Preemption() as preempt, jax.set_mesh(mesh), axis_rules(rules), contextlib.closing(bar):
         t_last, n_last = time.perf_counter(), step
         while step < config.total_steps:
-            batch = _device_batch(next(data_iter), batch_sh)
+            batch = _device_batch(next(data_iter), batch_sh, rows, config.data.batch_size)
             if compiled is None:  # compile once; the executable also gives the FLOP count
                 start = time.perf_counter()
                 compiled = jitted.lower(state, teacher_params, batch, aux, root).compile()
@@ -672,20 +698,23 @@ def train(
                     time.perf_counter() - start,
                     f"{flops:.3g}" if flops else "unknown",
                 )
-            state, metrics = compiled(state, teacher_params, batch, aux, root)
+            with guard():
+                state, metrics = compiled(state, teacher_params, batch, aux, root)
             step += 1
             bar.update(1)
-            streak = int(jax.device_get(state["nonfinite_streak"]))
+            logged = step % config.log_every == 0 or step == config.total_steps
+            # The skip counter is read only where metrics are pulled anyway (no per-step sync).
+            streak = int(jax.device_get(state["nonfinite_streak"])) if logged else 0
             if streak > config.max_consecutive_nonfinite:
                 save(step, force=True)
                 ckpt.close()
                 raise NonFiniteError(
-                    f"{streak} consecutive steps had a non-finite loss or gradient (limit "
-                    f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
-                    f"stopped at step {step} with the last good parameters saved in "
-                    f"{ckpt.directory}"
+                    f"{streak} consecutive steps had a non-finite loss, gradient or update "
+                    f"(limit config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}, "
+                    f"checked every config.log_every={config.log_every} steps); stopped at step "
+                    f"{step} with the last good parameters saved in {ckpt.directory}"
                 )
-            if step % config.log_every == 0 or step == config.total_steps:
+            if logged:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 rate = (step - n_last) / max(now - t_last, 1e-9)
@@ -703,7 +732,7 @@ def train(
                     on_step(step, host)
             if step % config.checkpoint_every == 0:
                 save(step)
-            if preempt.requested:
+            if preempt.reached(step):
                 save(step, force=True)
                 stopped = True
                 break

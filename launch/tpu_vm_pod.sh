@@ -4,13 +4,13 @@
 #   TPU_NAME=my-v5p-32 ZONE=us-east5-a CONFIG=configs/scm.py WORKDIR=gs://bucket/runs/scm \
 #     bash launch/tpu_vm_pod.sh --config.teacher.path=/ckpt/flux-lite-rescaled
 #
-# Each worker runs the same command; jax.distributed discovers the slice (config.multihost).
-# The repository must already be cloned at $REPO on every worker, with `make venv` run there:
+# The repository must already be cloned at $REPO on every worker:
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all \
-#     --command "git clone <repo> $REPO && cd $REPO && make venv"
+#     --command "git clone <repo> $REPO"
+# Each worker makes its TPU environment (`make venv ACCEL=tpu`: jax[tpu] with libtpu, a no-op
+# when current) and runs launch/host.sh, where jax.distributed discovers the slice.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${CONFIG:?set CONFIG}" "${WORKDIR:?set WORKDIR}"
 REPO="${REPO:-~/distill-jax}"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  cd $REPO && .venv/bin/distill-jax train --config $CONFIG --workdir $WORKDIR \
-    --config.multihost=True $*"
+  cd $REPO && make venv ACCEL=tpu && CONFIG=$CONFIG WORKDIR=$WORKDIR bash launch/host.sh $*"

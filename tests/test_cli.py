@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -115,10 +116,11 @@ def test_sample_passes_every_flag(tmp_path, monkeypatch):
     """The verb's wiring: flags -> load_pipeline -> generate -> save_images (the sampler itself
     is tested against diffusers in the pipeline's tests)."""
     calls = {}
+    stub = types.SimpleNamespace(latent_channels=4, vae_scale_factor=8)
 
     def load_pipeline(path, *, dtype=None):
         calls["load"] = (path, dtype)
-        return "pipeline"
+        return stub
 
     def generate(pipeline, prompts, **kw):
         calls["generate"] = (pipeline, prompts, kw)
@@ -159,7 +161,7 @@ def test_sample_passes_every_flag(tmp_path, monkeypatch):
     assert cli.main(argv) == 0
     assert calls["load"] == ("ckpt", "bfloat16")
     pipeline, prompts, kw = calls["generate"]
-    assert pipeline == "pipeline" and prompts == ["a cube", "a star"]
+    assert pipeline is stub and prompts == ["a cube", "a star"]
     np.testing.assert_array_equal(kw.pop("init_noise"), noise)
     assert kw == dict(
         height=16,

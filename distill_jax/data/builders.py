@@ -183,7 +183,7 @@ def write_dataset(
             len(mine),
         )
     examples, skipped = 0, collections.Counter()
-    bar = tqdm(todo, desc=f"{name} shards (host {p}/{count})", unit="shard", disable=not todo)
+    bar = tqdm(todo, desc=f"{name} shards", unit="shard", disable=not todo or p != 0)
     for j in bar:
         records = range(j * shard_size, min(num_records, (j + 1) * shard_size))
         stats = _write_shard(out_dir, template, j, num_shards, features, records, read_shard)
@@ -192,14 +192,27 @@ def write_dataset(
         bar.set_postfix(examples=examples, skipped=sum(skipped.values()))
     if skipped:
         log.warning("%s: skipped %s records (%s)", out_dir, sum(skipped.values()), dict(skipped))
-    complete = _finalize(
-        out_dir,
-        name=name,
-        features=features,
-        num_shards=num_shards,
-        metadata=metadata,
-        description=description,
+    # The hosts of one job finish together: all shards written, then process 0 alone writes the
+    # dataset's metadata, then every host returns.
+    joint = process_index is None and count > 1
+    if joint:
+        from distill_jax import distributed
+
+        distributed.sync(f"write-dataset-{name}-shards")
+    complete = (
+        _finalize(
+            out_dir,
+            name=name,
+            features=features,
+            num_shards=num_shards,
+            metadata=metadata,
+            description=description,
+        )
+        if p == 0 or not joint
+        else all(_shard_done(out_dir, template, j, num_shards) for j in range(num_shards))
     )
+    if joint:
+        distributed.sync(f"write-dataset-{name}-final")
     return WriteReport(
         out_dir=out_dir,
         num_shards=num_shards,

@@ -156,4 +156,79 @@ def make_dataset(
     ).batch(batch_size, drop_remainder=drop_remainder)
 
 
-__all__ = ["host_slice", "load_image", "make_dataset", "resize_and_crop", "to_model_range"]
+def _collate(records: list[dict]) -> dict:
+    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+
+
+class _HostRows(grain.transforms.Map):
+    """Global batch indices -> this host's records of them, collated."""
+
+    def __init__(self, source, rows: np.ndarray, record_fn=None):
+        self.source, self.rows, self.record_fn = source, rows, record_fn
+
+    def map(self, indices: np.ndarray) -> dict:
+        records = [self.source[int(i)] for i in indices[self.rows]]
+        if self.record_fn is not None:
+            records = [self.record_fn(r) for r in records]
+        return _collate(records)
+
+
+def global_batches(
+    source,
+    *,
+    global_batch: int,
+    rows: np.ndarray | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    record_fn=None,
+    num_threads: int = 4,
+) -> grain.IterDataset:
+    """Each host's share of a sequence of global batches that does not depend on the host count.
+
+    Global batch ``k`` is records ``order[k*B : (k+1)*B]`` of ``order``, the records shuffled
+    with ``seed`` (a new permutation each epoch; a batch may straddle two epochs). A host reads
+    only ``rows`` of each global batch (default: all of them): the rows its devices hold, from
+    :func:`distill_jax.train.host_rows`. So 1 process x 4 devices and 2 processes x 2 devices
+    see the same global batches, every record is read by exactly one host, and the iterator's
+    state (``{"next_index": k}``) is the same on every host and restores on any topology.
+    ``record_fn`` maps each stored record before batching.
+    """
+    if global_batch < 1 or global_batch > len(source):
+        raise ValueError(f"global_batch={global_batch} must be in [1, {len(source)} records]")
+    rows = np.arange(global_batch) if rows is None else np.asarray(rows)
+    order = grain.MapDataset.range(len(source))
+    if shuffle:
+        order = order.shuffle(seed=seed)
+    ds = order.repeat().batch(global_batch, drop_remainder=True)
+    ds = ds.map(_HostRows(source, rows, record_fn))
+    return ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
+    )
+
+
+def latent_batches(
+    path: str | Path, *, global_batch: int, rows: np.ndarray | None = None, seed: int = 0
+) -> grain.IterDataset:
+    """:func:`global_batches` of a ``prepare`` (latents) dataset folder."""
+    builder = tfds.builder_from_directory(str(path))
+    features = set(builder.info.features.keys())
+    if not {"latents", "t5", "pooled"} <= features:
+        raise ValueError(f"{path}: not a latents dataset (features {sorted(features)})")
+    return global_batches(
+        builder.as_data_source("train"),
+        global_batch=global_batch,
+        rows=rows,
+        seed=seed,
+        record_fn=_latent_record,
+    )
+
+
+__all__ = [
+    "global_batches",
+    "host_slice",
+    "latent_batches",
+    "load_image",
+    "make_dataset",
+    "resize_and_crop",
+    "to_model_range",
+]

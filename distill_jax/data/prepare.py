@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -197,7 +198,7 @@ def write_uncond(
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     t5, pooled, _ = encode_prompts(pipeline, [" "], max_sequence_length=max_sequence_length)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")  # hosts may write it at once
     np.savez(tmp, t5=np.asarray(t5[0], np.float32), pooled=np.asarray(pooled[0], np.float32))
     tmp.rename(path)
 

@@ -24,6 +24,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from distill_jax import distributed
 from distill_jax.models.autoencoder import to_nhwc
 from distill_jax.parameterization import trigflow_velocity
 from distill_jax.pipeline import latents as lat
@@ -308,4 +310,75 @@ def generate(
     return np.concatenate(images)
 
 
-__all__ = ["METHODS", "decode", "default_schedule", "denoise", "generate"]
+def generate_to_folder(
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    height: int = 512,
+    width: int = 512,
+    seed: int = 0,
+    init_noise: np.ndarray | None = None,
+    grid: bool = True,
+    **kw,
+) -> list[Path]:
+    """:func:`generate` into ``out_dir/<i:05d>.png`` (prompt ``i``), shared by every process of a
+    multi-host job: process ``p`` generates and writes prompts ``p, p + P, ...`` on its own
+    devices, each from the initial noise a single process would give it, so no image is made
+    twice and the files do not depend on the number of hosts (sCM's per-step noise, drawn per
+    batch, excepted). Process 0 also writes ``grid.png`` of all of them (every process must call
+    this). ``kw`` go to :func:`generate`. Returns the paths this process wrote.
+    """
+    from distill_jax.pipeline.images import image_grid, save_images
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    n = len(prompts)
+    shape = lat.noise_shape(
+        n, pipeline.latent_channels, height, width, vae_scale_factor=pipeline.vae_scale_factor
+    )
+    if init_noise is None:  # as generate() draws it for all n prompts
+        init_noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
+    elif tuple(init_noise.shape) != shape:
+        raise ValueError(
+            f"init_noise has shape {tuple(init_noise.shape)}; {n} prompt(s) at {height}x{width} "
+            f"px need [N, C, h, w] = {list(shape)}"
+        )
+    mine = distributed.my_share(n)
+    images = np.zeros((0, height, width, 3), np.uint8)
+    paths: list[Path] = []
+    if mine:
+        subset = [prompts[i] for i in mine]
+        images = generate(
+            pipeline,
+            subset,
+            height=height,
+            width=width,
+            seed=seed,
+            init_noise=np.asarray(init_noise)[mine],
+            **kw,
+        )
+        paths = save_images(images, out_dir, subset, grid=False, indices=mine)
+    if grid and n > 1:
+        index, count = distributed.process()
+        per = -(-n // count)
+        padded = np.zeros((per, height, width, 3), np.uint8)
+        padded[: len(images)] = images
+        if count > 1:
+            from jax.experimental import multihost_utils
+
+            gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, per, ...]
+        else:
+            gathered = padded[None]
+        if index == 0:
+            ordered = np.stack([gathered[i % count, i // count] for i in range(n)])
+            path = Path(out_dir) / "grid.png"
+            from PIL import Image
+
+            Image.fromarray(image_grid(ordered)).save(path)
+            paths.append(path)
+    return paths
+
+
+__all__ = ["METHODS", "decode", "default_schedule", "denoise", "generate", "generate_to_folder"]

@@ -41,15 +41,20 @@ def save_images(
     prompts: Sequence[str] | None = None,
     *,
     grid: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> list[Path]:
     """Writes ``out_dir/00000.png``, ``00001.png``, ... and, for more than one image, ``grid.png``.
 
-    ``prompts`` (one per image) are stored in each PNG's ``prompt`` text chunk. Returns the paths
-    written, the grid last.
+    ``prompts`` (one per image) are stored in each PNG's ``prompt`` text chunk. ``indices`` name
+    the files instead of ``0..N-1`` (a host's share of a longer list). Returns the paths written,
+    the grid last.
     """
     images = _check_images(images)
     if prompts is not None and len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    indices = range(len(images)) if indices is None else list(indices)
+    if len(indices) != len(images):
+        raise ValueError(f"{len(indices)} indices for {len(images)} images")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -57,7 +62,7 @@ def save_images(
         info = PngImagePlugin.PngInfo()
         if prompts is not None:
             info.add_itxt("prompt", prompts[i])
-        path = out / f"{i:05d}.png"
+        path = out / f"{indices[i]:05d}.png"
         Image.fromarray(image).save(path, pnginfo=info)
         paths.append(path)
     if grid and len(images) > 1:
