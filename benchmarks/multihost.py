@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from distill_jax import distributed  # noqa: E402
 
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+# Process 0's log line, possibly behind a progress bar's carriage returns.
+COMPILED = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) p0/\d+ INFO \S+: step compiled")
 
 
 def cpu_model() -> str:
@@ -46,8 +47,7 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-def _when(line: str) -> float:
-    stamp = STAMP.match(line).group(1)
+def _when(stamp: str) -> float:
     return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
@@ -85,7 +85,7 @@ def run(topology: str, steps: int, workdir: Path) -> dict:
     text = (logs / "process_0.log").read_text()
     if any(codes):
         raise RuntimeError(f"{topology}: exit codes {codes}\n{text[-3000:]}")
-    compiled = next(line for line in text.splitlines() if "step compiled in" in line)
+    compiled = COMPILED.search(text).group(1)
     summary = next(line for line in text.splitlines() if f"step {steps}: " in line)
     metrics = ast.literal_eval(summary.split(f"step {steps}: ", 1)[1])
     return {
