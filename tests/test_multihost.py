@@ -325,6 +325,58 @@ def test_hosts_read_disjoint_shares_of_a_prepared_dataset(latents_ds, cache, tmp
         assert hosts[0]["seen"][k] + hosts[1]["seen"][k] == want
 
 
+WRITE_SHARDS = """
+import json, sys
+import numpy as np
+from distill_jax import distributed
+distributed.initialize(
+    coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), timeout_s=60
+)
+from distill_jax.data import builders
+
+def read_shard(records):
+    for i in records:
+        yield {"latents": np.full((4, 4, 4), i, np.float32), "t5": np.zeros((8, 32), np.float32),
+               "pooled": np.zeros(16, np.float32), "caption": "c", "key": str(i), "index": i}
+
+report = builders.write_dataset(
+    sys.argv[3], name=builders.LATENT_DATASET,
+    features=builders.latent_features((4, 4, 4), (8, 32), 16, np.float32),
+    num_records=20, read_shard=read_shard, shard_size=3,
+    metadata={"scaling_factor": 1.0, "shift_factor": 0.0},
+)
+json.dump({"written": report.shards_written, "complete": report.complete}, open(sys.argv[4], "w"))
+"""
+
+
+def test_hosts_write_a_dataset_together(cache, tmp_path):
+    """prepare's writer on 2 processes: process p writes shards p, p + 2, ...; both return only
+    when the dataset is complete, its metadata written once, by process 0."""
+    import tensorflow_datasets as tfds
+
+    port = distributed.free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITE_SHARDS,
+                f"localhost:{port}",
+                str(i),
+                str(tmp_path / "ds"),
+                str(tmp_path / f"{i}.json"),
+            ],
+            env={**os.environ, **distributed.local_environments(2, 2)[i], **child_env(cache)},
+        )
+        for i in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    reports = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    assert reports == [{"written": 4, "complete": True}, {"written": 3, "complete": True}]
+    ds = tfds.builder_from_directory(str(tmp_path / "ds")).as_data_source("train")
+    assert sorted(int(ds[i]["index"]) for i in range(len(ds))) == list(range(20))
+
+
 def test_pod_equals_one_process_on_a_prepared_dataset(latents_ds, cache, tmp_path):
     data = [
         "--config.data.kind=latents",
