@@ -128,7 +128,9 @@ class _LeafWriter:
     one batch is written in the background while the next one is converted."""
 
     def __init__(self, path: Path, shapes: Mapping[str, tuple], dtype: np.dtype, batch_bytes: int):
-        self.path, self.shapes, self.dtype, self.batch_bytes = path, shapes, dtype, batch_bytes
+        # Orbax takes absolute paths only; users give relative ones.
+        self.path = Path(path).absolute()
+        self.shapes, self.dtype, self.batch_bytes = shapes, dtype, batch_bytes
         self.written: set[str] = set()
         self.batch: dict[str, np.ndarray] = {}
         self.pending = None
@@ -422,7 +424,7 @@ def load_model(
             assert_not_replicated(state, named)
         shardings = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(named)}
     target = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
-    restored = _flatten(ocp.load(folder / "params", _nest(target)))
+    restored = _flatten(ocp.load((folder / "params").absolute(), _nest(target)))
     log.info("restored the %s (%s) from %s", meta["component"], dtype.name, folder)
     return from_flat_params(abstract, restored)
 
@@ -478,7 +480,7 @@ def save_model(
         raise ValueError(f"parameters of several dtypes {sorted(dtypes)}; cast them to one")
     with _staging(Path(dst), overwrite) as tmp:
         tmp.mkdir()
-        ocp.save_pytree(tmp / "params", _nest(params))
+        ocp.save_pytree((tmp / "params").absolute(), _nest(params))
         meta = _meta(name, type(model), model.cfg, dtypes.pop(), source or {})
         _write_json(tmp / "config.json", meta)
     return Path(dst)
@@ -504,7 +506,7 @@ def _exported_tensors(
             k: jax.ShapeDtypeStruct(s, dtype, sharding=cpu) if k in names else ocp.PLACEHOLDER
             for k, s in shapes.items()
         }
-        leaves = _flatten(ocp.load(params, _nest(target)))
+        leaves = _flatten(ocp.load(Path(params).absolute(), _nest(target)))
         yield from to_source({k: np.asarray(leaves[k]) for k in names}, chunk).items()
         chunk, size = [], 0
 

@@ -189,6 +189,39 @@ def test_sample_verb_on_the_converted_pipeline(converted, tmp_path):
     assert np.asarray(images[0]).std() > 0 and (tmp_path / "img" / "grid.png").is_file()
 
 
+def test_relative_paths_convert_sample_and_export(pipeline_dir, tmp_path, monkeypatch):
+    """The first commands a user types, run in the folder that holds the checkpoint: every path
+    relative (Orbax itself accepts only absolute ones)."""
+    import os
+
+    from distill_jax import cli
+
+    _, src = pipeline_dir
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(src, tmp_path)
+    assert cli.main(["convert", rel, "out", "--dtype", "float32", "--no-progress"]) == 0
+    assert load_flux("out").cfg.num_double > 0
+    argv = [
+        "sample",
+        "out",
+        "--prompt",
+        "a cube",
+        "--out",
+        "img",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "1",
+        "--max-sequence-length",
+        "16",
+    ]
+    assert cli.main(argv) == 0 and os.path.isfile("img/00000.png")
+    argv = ["export", "out", "exported", "--format", "diffusers", "--no-progress"]
+    assert cli.main(argv) == 0 and os.path.isfile("exported/config.json")
+
+
 def test_components_subset(pipeline_dir, tmp_path):
     _, src = pipeline_dir
     out = convert(src, tmp_path / "jax", components=["vae"], progress=False)
