@@ -32,9 +32,12 @@ class Checkpoints:
     """A thin layer over ``ocp.CheckpointManager`` with the items above."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+        """``keep``: the newest steps to keep; 0 keeps every step."""
+        if keep < 0:
+            raise ValueError(f"keep={keep}: the number of steps to keep, or 0 for all of them")
         self.directory = Path(workdir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep or None, enable_async_checkpointing=async_save, create=True
         )
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "ema", "config", "data"), options=options
@@ -69,11 +72,23 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any, *, abstract_ema: Any = None):
+    def _saved_config(self, step: int) -> dict | None:
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            return dict(out["config"])
+        except Exception:  # noqa: BLE001 (an unreadable config is a damaged step)
+            return None
+
+    def restore_latest(
+        self, abstract_state: Any, *, abstract_ema: Any = None, config: dict | None = None
+    ):
         """``(step, state, ema, data)`` of the newest readable step, or None without one.
 
         ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves with shardings) makes arrays come back
-        straight into their shardings.
+        straight into their shardings. A step that cannot be restored is moved aside as damaged
+        (``<step>.unreadable``) and the previous one tried, unless its saved config differs from
+        ``config`` (the run's, as JSON) in a field that shapes the state: then the workdir holds
+        another run, and a ``ValueError`` names the differing fields, renaming nothing.
         """
         for step in reversed(self.steps()):
             items = dict(
@@ -84,6 +99,15 @@ class Checkpoints:
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # noqa: BLE001 (a damaged step must not end the run)
+                saved = self._saved_config(step) if config is not None else None
+                differ = config_differences(saved, config) if saved is not None else []
+                if differ:
+                    raise ValueError(
+                        f"{self.directory} holds step {step} of another run, which this config "
+                        "cannot resume (its state has another structure): "
+                        + "; ".join(differ)
+                        + ". Use another --workdir, or the config the checkpoints were made with"
+                    ) from err
                 aside = self.directory / f"{step}.unreadable"
                 log.warning(
                     "checkpoint: step %d in %s is unreadable (%s: %s); moved to %s, "
@@ -109,6 +133,51 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# Config fields that cannot change the structure of a run's state: a resume may change these.
+RUN_ONLY = (
+    "total_steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "async_checkpoints",
+    "max_consecutive_nonfinite",
+    "multihost",
+    "peak_tflops_per_device",
+    "seed",
+    "data.",
+    "loss.",
+    "mesh.",
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.schedule",
+    "optim.b1",
+    "optim.b2",
+    "optim.eps",
+    "optim.weight_decay",
+)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``"field: saved -> now"`` for every field outside :data:`RUN_ONLY` that differs."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(current)
+    return [
+        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+        and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RUN_ONLY)
+    ]
 
 
 class Preemption:

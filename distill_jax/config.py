@@ -7,6 +7,8 @@ Command lines use the JAX-ecosystem form ``--config path.py:arg --config.optim.l
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -22,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.log_every = 10
     c.checkpoint_every = 500
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # the newest steps kept; 0 keeps every one
     c.async_checkpoints = True
     c.max_consecutive_nonfinite = 20  # stop (with a checkpoint) past this many skipped steps
     c.grad_accum = 1  # micro-batches per optimizer step
@@ -122,8 +124,22 @@ def load_config(
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses, naming the field, what would fail later (after a compile) or silently."""
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
+    for field in ("total_steps", "log_every", "checkpoint_every", "grad_accum"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]} must be >= 1")
+    if config.keep_checkpoints < 0:
+        raise ValueError(
+            f"config.keep_checkpoints={config.keep_checkpoints}: the newest steps to keep, "
+            "or 0 for all"
+        )
+    for group in ("optim", "loss"):
+        for name, value in config[group].items():
+            values = value if isinstance(value, tuple | list) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"config.{group}.{name}={value} is not finite")
     if config.data.batch_size % config.grad_accum:
         raise ValueError(
             f"config.data.batch_size={config.data.batch_size} is not divisible by "

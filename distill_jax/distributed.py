@@ -170,10 +170,9 @@ def configure_logging(verbose: bool = False) -> None:
     the others WARNING and above only (DEBUG everywhere with ``verbose``). Call again after
     :func:`initialize` so that the level follows the process index."""
     root = logging.getLogger()
-    handler = next((h for h in root.handlers if getattr(h, "_distill_jax", False)), None)
-    if handler is None:
+    # As logging.basicConfig: a handler only where nobody (an application, pytest) set one up.
+    if not root.handlers:
         handler = logging.StreamHandler()
-        handler._distill_jax = True  # type: ignore[attr-defined]
         handler.addFilter(_ProcessFilter())
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(process_tag)s %(levelname)s %(name)s: %(message)s")
@@ -184,6 +183,8 @@ def configure_logging(verbose: bool = False) -> None:
     else:
         root.setLevel(logging.INFO if is_primary() else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every read at INFO
+    # "Unable to initialize backend 'tpu'" on every machine without one.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def host_values(tree: Any) -> Any:

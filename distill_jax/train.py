@@ -638,7 +638,8 @@ def train(
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), setup.abstract, state_sh
     )
-    restored = ckpt.restore_latest(abstract_sharded)
+    config_json = json.loads(config.to_json_best_effort())
+    restored = ckpt.restore_latest(abstract_sharded, config=config_json)
     if restored is not None:
         step0, state, _, data_state = restored
         data_iter.set_state(data_state["iterator"])
@@ -659,7 +660,6 @@ def train(
     # The step's key lives replicated on the mesh (not on one device) before the loop starts.
     root = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     writer = MetricWriter(workdir) if distributed.is_primary() else None
-    config_json = json.loads(config.to_json_best_effort())
 
     def save(step, force=False):
         ckpt.save(

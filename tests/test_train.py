@@ -215,3 +215,34 @@ def test_cli_train_runs_and_rejects_typos(tmp_path, capsys):
         )
     assert main(["sample", "x", "--prompt", "p", "--out", "o", "--config.seed=1"]) == 2
     assert "is a train option" in capsys.readouterr().err
+
+
+def test_keep_zero_keeps_every_checkpoint(tmp_path):
+    train(tiny("flow_matching", total_steps=4, checkpoint_every=1, keep_checkpoints=0), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3", "4"]
+
+
+def test_resuming_another_run_is_refused_and_renames_nothing(tmp_path):
+    """A workdir of a finished sCM run, resumed as flow matching (another state structure): an
+    error names the differing field; every step stays where it was."""
+    train(tiny("scm"), tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"another run.*method: 'scm' -> 'flow_matching'"):
+        train(tiny("flow_matching", total_steps=9), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before == ["3", "6"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("optim.lr", float("nan"), "config.optim.lr=nan is not finite"),
+        ("loss.guidance_values", (4.0, float("inf")), "config.loss.guidance_values"),
+        ("log_every", 0, "config.log_every=0 must be >= 1"),
+        ("checkpoint_every", 0, "config.checkpoint_every=0 must be >= 1"),
+        ("keep_checkpoints", -1, "config.keep_checkpoints=-1"),
+    ],
+)
+def test_bad_run_settings_are_refused_before_anything_runs(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train(tiny("flow_matching", **{field: value}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
