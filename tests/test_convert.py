@@ -14,6 +14,7 @@ import json
 import re
 import struct
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -565,7 +566,42 @@ def bad_integer_weight(tmp_path):
     return tmp_path / "s.pt", {}, PortError, r"'proj_out.bias' \[s\.pt\] is int32, not a float"
 
 
+def _index_naming(tmp_path, weight_map_of) -> Path:
+    """A sharded transformer folder whose index is ``weight_map_of(shard_name, keys)``; a real
+    shard sits outside the folder, where a path in the index could reach it."""
+    sd = state_dict(torch_flux(FluxConfig.tiny()))
+    (tmp_path / "outside").mkdir()
+    safetensors.numpy.save_file(sd, tmp_path / "outside" / "evil.safetensors")
+    src = tmp_path / "src"
+    src.mkdir()
+    index = {"metadata": {}, "weight_map": weight_map_of("../outside/evil.safetensors", sd)}
+    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "config.json").write_text(json.dumps(FluxConfig.tiny().to_diffusers()))
+    return src
+
+
+def bad_index_leaves_the_folder(tmp_path):
+    src = _index_naming(tmp_path, lambda name, sd: dict.fromkeys(sd, name))
+    message = (
+        r"shard names must be plain file names in .*src, got \['\.\./outside/evil\.safetensors'\]"
+    )
+    return src, {}, SafetensorsError, message
+
+
+def bad_index_absolute(tmp_path):
+    src = _index_naming(tmp_path, lambda name, sd: dict.fromkeys(sd, "/etc/passwd"))
+    return src, {}, SafetensorsError, r"plain file names .*\['/etc/passwd'\]"
+
+
+def bad_index_list(tmp_path):
+    src = _index_naming(tmp_path, lambda name, sd: [name])
+    return src, {}, SafetensorsError, r"weight_map must map tensor names to shard file names"
+
+
 BAD = [
+    bad_index_leaves_the_folder,
+    bad_index_absolute,
+    bad_index_list,
     bad_truncated,
     bad_header_json,
     bad_header_sizes,

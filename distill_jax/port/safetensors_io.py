@@ -214,8 +214,21 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
             raise SafetensorsError(
                 f"{self.index_path}: not a safetensors index with a weight_map ({err!r})"
             ) from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(n, str) for k, n in weight_map.items()
+        ):
+            raise SafetensorsError(
+                f"{self.index_path}: weight_map must map tensor names to shard file names"
+            )
         folder = self.index_path.parent
         names = sorted(set(weight_map.values()))
+        # Shards live beside the index: a path that leaves the folder is never opened.
+        outside = [n for n in names if n in ("", ".", "..") or Path(n).name != n or "\\" in n]
+        if outside:
+            raise SafetensorsError(
+                f"{self.index_path}: shard names must be plain file names in {folder}, "
+                f"got {outside}"
+            )
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise SafetensorsError(f"{self.index_path}: shard file(s) {missing} do not exist")
