@@ -183,16 +183,35 @@ def test_parquet_build_reads_back(tmp_path, image_kind):
         ("bad_json", r"metadata\.jsonl:2: not valid JSON"),
         ("no_file_name", r"metadata\.jsonl:1: expected an object with a 'file_name'"),
         ("no_column", r"no column 'llava'"),
+        ("parent", r"metadata\.jsonl:1: file_name '\.\./secret\.png' is not a path inside"),
+        ("absolute", r"metadata\.jsonl:1: file_name '/dev/zero' is not a path inside"),
     ],
 )
 def test_source_errors_name_the_fault(tmp_path, setup, error):
+    lines = {
+        "bad_json": ['{"file_name": "a.png"}', "{oops"],
+        "no_file_name": ['{"x": 1}'],
+        "parent": ['{"file_name": "../secret.png", "llava": "c"}'],
+        "absolute": ['{"file_name": "/dev/zero", "llava": "c"}'],
+    }
     if setup == "no_column":
         pq.write_table(pa.table({"image": [b"x"], "text": ["t"]}), tmp_path / "a.parquet")
     else:
-        lines = ['{"file_name": "a.png"}', "{oops"] if setup == "bad_json" else ['{"x": 1}']
-        (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
+        (tmp_path / "metadata.jsonl").write_text("\n".join(lines[setup]))
     with pytest.raises(ValueError, match=error):
         sources.open_source(tmp_path, caption_column="llava")
+
+
+def test_only_regular_files_are_read(tmp_path):
+    """A FIFO that metadata.jsonl names as an image (reading it would block forever) is a
+    missing image."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "pipe.png", "caption": "a caption"}')
+    source = sources.open_source(tmp_path)
+    record = source[0]
+    assert record.key == "pipe.png" and record.image is None and record.caption == "a caption"
 
 
 # --- the input pipeline -----------------------------------------------------------------------

@@ -136,7 +136,13 @@ class FolderSource:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
                 if not isinstance(row, dict) or not isinstance(row.get(FILE_NAME_KEY), str):
                     raise ValueError(f"{path}:{n}: expected an object with a {FILE_NAME_KEY!r}")
-                out[Path(row[FILE_NAME_KEY]).as_posix()] = _caption(row.get(caption_column))
+                name = Path(row[FILE_NAME_KEY])
+                if name.is_absolute() or ".." in name.parts or not name.parts:
+                    raise ValueError(
+                        f"{path}:{n}: {FILE_NAME_KEY} {row[FILE_NAME_KEY]!r} is not a path "
+                        f"inside {path.parent}"
+                    )
+                out[name.as_posix()] = _caption(row.get(caption_column))
         return out
 
     def __len__(self) -> int:
@@ -150,10 +156,12 @@ class FolderSource:
             sidecar = path.with_suffix(".txt")
             if sidecar.is_file():
                 caption = _caption(sidecar.read_text(encoding="utf-8", errors="replace"))
-        try:
-            image = path.read_bytes()
-        except OSError:
-            image = None
+        image = None
+        if path.is_file():  # a regular file: never a device or a FIFO, which could block
+            try:
+                image = path.read_bytes()
+            except OSError:
+                pass
         return RawRecord(key=name, image=image, caption=caption)
 
 
