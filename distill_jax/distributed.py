@@ -104,8 +104,8 @@ def initialize(
     cluster = "explicit coordinator" if coordinator_address else detected_cluster()
     if cluster is None and "JAX_COORDINATOR_ADDRESS" not in os.environ:
         raise DistributedError(
-            "multi-host run requested but no cluster was detected (Cloud TPU, GKE, SLURM or "
-            "Open MPI environment variables are absent); pass --coordinator-address HOST:PORT "
+            "multi-host run requested but no cluster was detected (JAX finds no Cloud TPU, GKE, "
+            "SLURM or Open MPI environment here); pass --coordinator-address HOST:PORT "
             "--num-processes N --process-id I"
         )
 
