@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
 from distill_jax import distributed
 
@@ -162,16 +163,7 @@ RUN_ONLY = (
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``"field: saved -> now"`` for every field outside :data:`RUN_ONLY` that differs."""
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(saved), flat(current)
+    a, b = flatten_dict(saved, sep="."), flatten_dict(current, sep=".")
     return [
         f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
         for k in sorted(set(a) | set(b))
@@ -211,12 +203,10 @@ class Preemption:
         return self.requested
 
     def __enter__(self) -> Preemption:
-        from jax._src import distributed
-
-        self._service = distributed.global_state.preemption_sync_manager is not None
+        self._service = distributed.has_preemption_service()
         if self._service:
             return self
-        if distributed.global_state.num_processes and distributed.global_state.num_processes > 1:
+        if distributed.process()[1] > 1:
             log.warning(
                 "JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM "
                 "stops only the host that receives it"

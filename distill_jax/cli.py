@@ -61,7 +61,9 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
     :mod:`distill_jax.distributed`); ``python -m distill_jax.distributed`` runs a local one."""
     import os
 
-    env = os.environ.get
+    def env_int(name: str) -> int | None:
+        return int(os.environ[name]) if os.environ.get(name) else None
+
     g = p.add_argument_group(
         "multi-host",
         "Run the same command on every host. --multihost joins a cluster JAX detects (Cloud "
@@ -72,21 +74,21 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
     g.add_argument("--multihost", action="store_true", help="join the auto-detected cluster")
     g.add_argument(
         "--coordinator-address",
-        default=env("DISTILL_JAX_COORDINATOR"),
+        default=os.environ.get("DISTILL_JAX_COORDINATOR"),
         metavar="HOST:PORT",
         help="process 0's address, reachable from every host",
     )
     g.add_argument(
         "--num-processes",
         type=int,
-        default=int(env("DISTILL_JAX_NUM_PROCESSES", "0")) or None,
+        default=env_int("DISTILL_JAX_NUM_PROCESSES"),
         metavar="N",
         help="processes in the job",
     )
     g.add_argument(
         "--process-id",
         type=int,
-        default=int(env("DISTILL_JAX_PROCESS_ID", "-1")) if env("DISTILL_JAX_PROCESS_ID") else None,
+        default=env_int("DISTILL_JAX_PROCESS_ID"),
         metavar="I",
         help="this process, 0 to N-1",
     )

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,12 +39,6 @@ def _state():
     from jax._src import distributed  # the only record of the coordinator JAX was given
 
     return distributed.global_state
-
-
-def is_initialized() -> bool:
-    import jax
-
-    return jax.distributed.is_initialized()
 
 
 def process() -> tuple[int, int]:
@@ -153,6 +148,12 @@ def initialize(
     )
 
 
+def has_preemption_service() -> bool:
+    """Whether JAX's preemption service runs (a joined job with jax_enable_preemption_service):
+    it then owns SIGTERM and agrees on a stopping step across hosts."""
+    return _state().preemption_sync_manager is not None
+
+
 def is_primary() -> bool:
     """Whether this is process 0, which alone prints summaries, bars and TensorBoard events."""
     return process()[0] == 0
@@ -236,7 +237,7 @@ def free_port(low: int | None = None, high: int | None = None) -> int:
 
 
 def local_environments(
-    processes: int, devices_per_process: int, *, how: str = "explicit", port: int | None = None
+    processes: int, devices_per_process: int, *, how: str = "explicit"
 ) -> list[dict[str, str]]:
     """The environment of each of ``processes`` local JAX processes, each with
     ``devices_per_process`` fake CPU devices.
@@ -262,7 +263,7 @@ def local_environments(
     envs = []
     if how == "slurm":
         # JAX's SLURM detection puts the coordinator on port 61440 + job_id % 4096.
-        port = port or free_port(61440, 65536)
+        port = free_port(61440, 65536)
         job_id = str(4096 * 7 + port - 61440)
         for i in range(processes):
             envs.append(
@@ -278,7 +279,7 @@ def local_environments(
                 }
             )
     else:
-        port = port or free_port()
+        port = free_port()
         for i in range(processes):
             envs.append(
                 base
@@ -330,8 +331,6 @@ def launch_local(
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        import time
-
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while any(c.poll() is None for c in children):
             failed = [c for c in children if c.returncode not in (None, 0)]

@@ -451,8 +451,9 @@ def _prepared_latents(dc, rows):
     return iter(ds.map(to_trainer)), aux
 
 
-def _device_batch(batch: dict, sharding: NamedSharding, rows: np.ndarray, size: int) -> dict:
-    """This host's ``rows`` of a global batch of ``size`` -> global arrays under ``sharding``."""
+def batch_placer(sharding: NamedSharding, rows: np.ndarray, size: int) -> Callable:
+    """``place(batch) -> global arrays under sharding``, for batches holding this host's ``rows``
+    of a global batch of ``size``."""
     position = np.full(size, -1)
     position[rows] = np.arange(len(rows))
 
@@ -466,7 +467,7 @@ def _device_batch(batch: dict, sharding: NamedSharding, rows: np.ndarray, size: 
             (size, *v.shape[1:]), sharding, lambda idx: v[position[idx[0]]]
         )
 
-    return {k: put(v) for k, v in batch.items()}
+    return lambda batch: {k: put(v) for k, v in batch.items()}
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -634,6 +635,7 @@ def train(
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     rows = host_rows(batch_sh, config.data.batch_size)
+    place = batch_placer(batch_sh, rows, config.data.batch_size)
     data_iter, aux = data if data is not None else make_input(config, setup.student_cfg, rows)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), setup.abstract, state_sh
@@ -688,7 +690,7 @@ def train(
     with Preemption() as preempt, jax.set_mesh(mesh), axis_rules(rules), contextlib.closing(bar):
         t_last, n_last = time.perf_counter(), step
         while step < config.total_steps:
-            batch = _device_batch(next(data_iter), batch_sh, rows, config.data.batch_size)
+            batch = place(next(data_iter))
             if compiled is None:  # compile once; the executable also gives the FLOP count
                 start = time.perf_counter()
                 compiled = jitted.lower(state, teacher_params, batch, aux, root).compile()

@@ -272,14 +272,29 @@ def latents_ds(tmp_path_factory) -> Path:
     return out
 
 
-READ_EPOCH = """
-import json, sys
+JOIN = """
+import json, os, sys
 import numpy as np
 from distill_jax import distributed
 distributed.initialize(
-    coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), timeout_s=60
+    coordinator_address=os.environ["DISTILL_JAX_COORDINATOR"], num_processes=2,
+    process_id=int(os.environ["DISTILL_JAX_PROCESS_ID"]), timeout_s=60,
 )
-import jax
+def report(value):  # this process's result, as JSON
+    out = os.path.join(sys.argv[1], os.environ["DISTILL_JAX_PROCESS_ID"] + ".json")
+    json.dump(value, open(out, "w"))
+"""
+
+
+def run_script(script: str, tmp_path: Path, cache: Path, *args: str) -> list:
+    """``script`` (after :data:`JOIN`) on 2 joined processes x 2 devices, with ``sys.argv[2:]``
+    = ``args``; returns what each process passed to ``report``."""
+    command = [sys.executable, "-c", JOIN + script, str(tmp_path), *args]
+    run_hosts(command, tmp_path / "logs", cache, how="explicit", timeout=300)
+    return [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+
+
+READ_EPOCH = """
 from jax.sharding import NamedSharding, PartitionSpec
 from distill_jax.data.input_pipeline import latent_batches
 from distill_jax.sharding import make_mesh
@@ -287,9 +302,9 @@ from distill_jax.train import BATCH_AXES, host_rows
 
 mesh = make_mesh({"data": 2, "fsdp": 2})
 rows = host_rows(NamedSharding(mesh, PartitionSpec(BATCH_AXES)), 8)
-it = iter(latent_batches(sys.argv[3], global_batch=8, rows=rows, seed=3))
+it = iter(latent_batches(sys.argv[2], global_batch=8, rows=rows, seed=3))
 seen = [np.asarray(next(it)["index"]).tolist() for _ in range(3)]  # one epoch: 24 / 8 batches
-json.dump({"rows": rows.tolist(), "seen": seen}, open(sys.argv[4], "w"))
+report({"rows": rows.tolist(), "seen": seen})
 """
 
 
@@ -298,24 +313,7 @@ def test_hosts_read_disjoint_shares_of_a_prepared_dataset(latents_ds, cache, tmp
     every global batch, and the global batches are those a single process reads."""
     from distill_jax.data.input_pipeline import latent_batches
 
-    port = distributed.free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                READ_EPOCH,
-                f"localhost:{port}",
-                str(i),
-                str(latents_ds),
-                str(tmp_path / f"{i}.json"),
-            ],
-            env={**os.environ, **distributed.local_environments(2, 2)[i], **child_env(cache)},
-        )
-        for i in range(2)
-    ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    hosts = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    hosts = run_script(READ_EPOCH, tmp_path, cache, str(latents_ds))
     assert hosts[0]["rows"] == [0, 1, 2, 3] and hosts[1]["rows"] == [4, 5, 6, 7]
     read = sorted(i for h in hosts for batch in h["seen"] for i in batch)
     assert read == list(range(RECORDS))
@@ -326,12 +324,6 @@ def test_hosts_read_disjoint_shares_of_a_prepared_dataset(latents_ds, cache, tmp
 
 
 WRITE_SHARDS = """
-import json, sys
-import numpy as np
-from distill_jax import distributed
-distributed.initialize(
-    coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), timeout_s=60
-)
 from distill_jax.data import builders
 
 def read_shard(records):
@@ -339,13 +331,13 @@ def read_shard(records):
         yield {"latents": np.full((4, 4, 4), i, np.float32), "t5": np.zeros((8, 32), np.float32),
                "pooled": np.zeros(16, np.float32), "caption": "c", "key": str(i), "index": i}
 
-report = builders.write_dataset(
-    sys.argv[3], name=builders.LATENT_DATASET,
+written = builders.write_dataset(
+    sys.argv[2], name=builders.LATENT_DATASET,
     features=builders.latent_features((4, 4, 4), (8, 32), 16, np.float32),
     num_records=20, read_shard=read_shard, shard_size=3,
     metadata={"scaling_factor": 1.0, "shift_factor": 0.0},
 )
-json.dump({"written": report.shards_written, "complete": report.complete}, open(sys.argv[4], "w"))
+report({"written": written.shards_written, "complete": written.complete})
 """
 
 
@@ -354,24 +346,7 @@ def test_hosts_write_a_dataset_together(cache, tmp_path):
     when the dataset is complete, its metadata written once, by process 0."""
     import tensorflow_datasets as tfds
 
-    port = distributed.free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                WRITE_SHARDS,
-                f"localhost:{port}",
-                str(i),
-                str(tmp_path / "ds"),
-                str(tmp_path / f"{i}.json"),
-            ],
-            env={**os.environ, **distributed.local_environments(2, 2)[i], **child_env(cache)},
-        )
-        for i in range(2)
-    ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    reports = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    reports = run_script(WRITE_SHARDS, tmp_path, cache, str(tmp_path / "ds"))
     assert reports == [{"written": 4, "complete": True}, {"written": 3, "complete": True}]
     ds = tfds.builder_from_directory(str(tmp_path / "ds")).as_data_source("train")
     assert sorted(int(ds[i]["index"]) for i in range(len(ds))) == list(range(20))

@@ -213,6 +213,24 @@ def _pad(x: np.ndarray | list, size: int):
     return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
 
 
+def initial_noise(
+    pipeline: Pipeline, n: int, height: int, width: int, seed: int, init_noise=None
+) -> np.ndarray:
+    """``[n, C, h, w]`` float32 noise: ``jax.random.normal(PRNGKey(seed), ...)``, or
+    ``init_noise`` checked against that shape."""
+    shape = lat.noise_shape(
+        n, pipeline.latent_channels, height, width, vae_scale_factor=pipeline.vae_scale_factor
+    )
+    if init_noise is None:
+        return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
+    if tuple(init_noise.shape) != shape:
+        raise ValueError(
+            f"init_noise has shape {tuple(init_noise.shape)}; {n} prompt(s) at {height}x{width} "
+            f"px need [N, C, h, w] = {list(shape)}"
+        )
+    return np.asarray(init_noise, np.float32)
+
+
 def generate(
     pipeline: Pipeline,
     prompts: str | Sequence[str],
@@ -251,17 +269,11 @@ def generate(
     _check_model(pipeline, method, guidance)
     n, c = len(prompts), pipeline.latent_channels
     bs, batches = _batches(n, batch_size)
-    shape = lat.noise_shape(n, c, height, width, vae_scale_factor=pipeline.vae_scale_factor)
+    init_noise = initial_noise(pipeline, n, height, width, seed, init_noise)
+    shape = init_noise.shape
     _, _, h, w = shape
     key = jax.random.PRNGKey(seed)
-    if init_noise is None:
-        init_noise = jax.random.normal(key, shape, jnp.float32)
-    elif tuple(init_noise.shape) != shape:
-        raise ValueError(
-            f"init_noise has shape {tuple(init_noise.shape)}; {n} prompt(s) at {height}x{width} "
-            f"px need [N, C, h, w] = {list(shape)}"
-        )
-    noise = np.asarray(lat.pack(np.asarray(init_noise, np.float32)))  # [N, L, 4C]
+    noise = np.asarray(lat.pack(init_noise))  # [N, L, 4C]
     img_ids = lat.image_ids(h, w)
     schedule = default_schedule(method, steps, len(img_ids))
     log.info(
@@ -335,16 +347,7 @@ def generate_to_folder(
     if not prompts:
         raise ValueError("generate: no prompts given")
     n = len(prompts)
-    shape = lat.noise_shape(
-        n, pipeline.latent_channels, height, width, vae_scale_factor=pipeline.vae_scale_factor
-    )
-    if init_noise is None:  # as generate() draws it for all n prompts
-        init_noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
-    elif tuple(init_noise.shape) != shape:
-        raise ValueError(
-            f"init_noise has shape {tuple(init_noise.shape)}; {n} prompt(s) at {height}x{width} "
-            f"px need [N, C, h, w] = {list(shape)}"
-        )
+    init_noise = initial_noise(pipeline, n, height, width, seed, init_noise)  # all n prompts
     mine = distributed.my_share(n)
     images = np.zeros((0, height, width, 3), np.uint8)
     paths: list[Path] = []
@@ -356,7 +359,7 @@ def generate_to_folder(
             height=height,
             width=width,
             seed=seed,
-            init_noise=np.asarray(init_noise)[mine],
+            init_noise=init_noise[mine],
             **kw,
         )
         paths = save_images(images, out_dir, subset, grid=False, indices=mine)
@@ -381,4 +384,12 @@ def generate_to_folder(
     return paths
 
 
-__all__ = ["METHODS", "decode", "default_schedule", "denoise", "generate", "generate_to_folder"]
+__all__ = [
+    "METHODS",
+    "decode",
+    "default_schedule",
+    "denoise",
+    "generate",
+    "generate_to_folder",
+    "initial_noise",
+]
