@@ -15,9 +15,12 @@ previous step if the newest one cannot be read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,10 @@ from flax.traverse_util import flatten_dict
 from distill_jax import distributed
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(OSError):
+    """Writing a checkpoint failed (disk full, permissions, a lost file system)."""
 
 
 class Checkpoints:
@@ -43,6 +50,8 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "ema", "config", "data"), options=options
         )
+        self._closed = False
+        self._in_flight: int | None = None  # the step of a save started and not yet waited for
 
     def save(
         self,
@@ -65,8 +74,11 @@ class Checkpoints:
         )
         if ema is not None:
             items["ema"] = ocp.args.StandardSave(ema)
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # Orbax waits for the previous save anyway; this names it if it failed
+        with self._writing(step):
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
+            self._in_flight = step
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
@@ -129,11 +141,41 @@ class Checkpoints:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for a save in flight (raising its error) and releases the manager; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._writing():
+            self.manager.wait_until_finished()
         self.manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None) -> Iterator[None]:
+        """Names the step whose save failed (the one in flight, else ``step``): Orbax's error
+        names only a tensor in a temporary folder."""
+        try:
+            yield
+        except Exception as err:
+            failed = self._in_flight if self._in_flight is not None else step
+            text = re.sub(r" \[tensorstore_spec='.*?'\]", "", str(err))  # kilobytes of JSON
+            raise CheckpointError(
+                f"checkpoint: saving step {failed} to {self.directory} failed "
+                f"({type(err).__name__}: {text}); the steps saved before it are intact"
+            ) from err
+
+    def close_after_error(self) -> None:
+        """:meth:`close` while another error ends the run: a save in flight is finished (it may
+        be the newest good step), and a failure of its own is logged, not raised over that
+        error."""
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 (the run's own error is the one to report)
+            log.error("checkpoint: the save in flight failed too (%s: %s)", type(err).__name__, err)
 
 
 # Config fields that cannot change the structure of a run's state: a resume may change these.
@@ -173,44 +215,51 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Preemption:
-    """A preemption notice (SIGTERM) as a step at which every host stops together.
+    """A preemption notice (SIGTERM), or Ctrl-C, as a step at which every host stops together.
 
     Use as a context manager and ask :meth:`reached` once per step, on every host, with the same
     steps. In a multi-host job JAX's preemption service owns SIGTERM: a notice to any host is
     propagated to all, and they agree on one step to checkpoint at, so the saved step is the same
-    everywhere. In a single process the handler sets a flag instead (restored on exit; only the
-    main thread can install it, elsewhere the flag never fires).
+    everywhere. In a single process the handlers set a flag instead (restored on exit; only the
+    main thread can install them, elsewhere the flag never fires), and Ctrl-C (SIGINT) stops the
+    same way; a second Ctrl-C stops at once (``KeyboardInterrupt``). :attr:`signum` is the signal
+    that stopped the run, for the exit status.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.requested = False
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._service = False
 
     def _handle(self, signum, frame):  # noqa: ARG002
-        log.warning("received signal %d: saving a checkpoint and stopping", signum)
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        log.warning("received %s: saving a checkpoint and stopping%s", name, again)
+        self.requested, self.signum = True, signum
 
     def reached(self, step: int) -> bool:
         """Whether to checkpoint and stop after ``step`` (the same answer on every host)."""
-        if self._service:
+        if self._service and not self.requested:
             from jax.experimental import multihost_utils
 
-            self.requested = multihost_utils.reached_preemption_sync_point(step)
-            if self.requested:
+            if multihost_utils.reached_preemption_sync_point(step):
                 log.warning("preemption: all hosts stop after step %d", step)
+                self.requested, self.signum = True, signal.SIGTERM
         return self.requested
 
     def __enter__(self) -> Preemption:
         self._service = distributed.has_preemption_service()
-        if self._service:
-            return self
         if distributed.process()[1] > 1:
-            log.warning(
-                "JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM "
-                "stops only the host that receives it"
-            )
+            if not self._service:
+                log.warning(
+                    "JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM "
+                    "stops only the host that receives it"
+                )
+            return self  # one host cannot stop alone: the service (or nothing) decides
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -21,10 +21,12 @@ are imported inside the verbs, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 log = logging.getLogger("distill_jax.cli")
 
@@ -199,6 +201,11 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert NaN or Inf weights, with a warning counting them (default: refuse them)",
+    )
     p.set_defaults(run=_run_convert)
 
 
@@ -215,6 +222,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         config=args.config,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        allow_nonfinite=args.allow_nonfinite,
     )
 
 
@@ -328,13 +336,35 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_sample)
 
 
-def _run_sample(args: argparse.Namespace) -> None:
+def _load_noise(path: str):
+    """``--init-noise``: one ``.npy`` array, memory-mapped so that its shape is checked before
+    it is read."""
     import numpy as np
 
-    from distill_jax.convert import load_pipeline
-    from distill_jax.pipeline.generate import generate_to_folder
+    try:
+        noise = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"--init-noise {path}: not a readable .npy array ({err})") from None
+    if not isinstance(noise, np.ndarray):  # an .npz archive
+        noise.close()
+        raise ValueError(f"--init-noise {path}: an .npz archive; save the one array with np.save")
+    return noise
 
-    noise = None if args.init_noise is None else np.load(args.init_noise)
+
+def _run_sample(args: argparse.Namespace) -> None:
+    from distill_jax.convert import load_pipeline
+    from distill_jax.pipeline.generate import check_request, generate_to_folder
+
+    check_request(  # before minutes of loading
+        args.prompts,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        max_sequence_length=args.max_sequence_length,
+    )
+    noise = None if args.init_noise is None else _load_noise(args.init_noise)
     pipeline = load_pipeline(args.ckpt, dtype=args.dtype)
     paths = generate_to_folder(
         pipeline,
@@ -361,7 +391,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="train or distil with a config (flow matching, rescale, sCM, MeanFlow)",
         description="Runs distill_jax.train.train(config, workdir), resuming from the newest "
         "checkpoint in --workdir. Override any config field with --config.FIELD=VALUE (e.g. "
-        "--config.optim.lr=1e-6); an unknown field is an error.",
+        "--config.optim.lr=1e-6); an unknown field is an error. SIGTERM or Ctrl-C saves a "
+        "checkpoint and exits with 128 + the signal (143, 130); run the same command to resume.",
     )
     p.add_argument(
         "--config",
@@ -395,7 +426,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> None:
+def _run_train(args: argparse.Namespace) -> int:
     import json
 
     config = args.config_dict
@@ -414,6 +445,17 @@ def _run_train(args: argparse.Namespace) -> None:
     run = train(config, args.workdir)
     if run.metrics:
         log.info("step %d: %s", run.metrics[-1]["step"], run.metrics[-1])
+    if run.stopped_early:  # not finished: a scheduler must not see success
+        import signal
+
+        name = signal.Signals(run.stop_signal).name
+        log.warning(
+            "stopped by %s after saving step %d; the same command resumes it",
+            name,
+            int(run.state["step"]),
+        )
+        return 128 + run.stop_signal
+    return 0
 
 
 # --- prepare ----------------------------------------------------------------------------------
@@ -452,6 +494,18 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
         default="bfloat16",
         help="stored dtype (default: bfloat16)",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="skip larger images, unread (default: 40000000)",
+    )
+    p.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=10.0,
+        help="skip images whose long side exceeds this times the short one (default: 10)",
+    )
     _add_distributed(p)
     p.set_defaults(run=_run_prepare)
 
@@ -459,7 +513,18 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace) -> None:
     from distill_jax.convert import load_pipeline
     from distill_jax.data.prepare import prepare
+    from distill_jax.data.sources import check_image_limits
+    from distill_jax.pipeline.generate import check_request
 
+    # before minutes of loading the pipeline
+    check_image_limits(args.max_pixels, args.max_aspect_ratio)
+    check_request(
+        [],
+        height=args.resolution,
+        width=args.resolution,
+        seed=args.seed,
+        max_sequence_length=args.max_sequence_length,
+    )
     report = prepare(
         args.source,
         args.out,
@@ -471,6 +536,8 @@ def _run_prepare(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         image_column=args.image_column,
         caption_column=args.caption_column,
+        max_pixels=args.max_pixels,
+        max_aspect_ratio=args.max_aspect_ratio,
     )
     log.info("prepare: %s", report)
 
@@ -569,8 +636,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Quiet(logging.Filter):
+    """Without ``--verbose``, other libraries' records are one line each, said once, with no
+    traceback, and their errors are held back: a failing verb ends in one line of its own (a
+    failed Orbax checkpoint write otherwise prints a hundred tracebacks from its threads), and
+    a verb that succeeds prints them at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("distill_jax") or getattr(record, "released", False):
+            return True
+        message = record.getMessage()
+        line = message.splitlines()[0] if message else ""
+        if (record.name, line) in self.seen:
+            return False
+        self.seen.add((record.name, line))
+        record.msg, record.args = line, None
+        record.exc_info = record.exc_text = record.stack_info = None
+        if record.levelno >= logging.ERROR:
+            record.released = False
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.held:
+            record.released = True
+            logging.getLogger(record.name).handle(record)
+        self.held.clear()
+
+
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[_Quiet | None]:
+    """:class:`_Quiet` on the root handlers while a verb runs, with Python warnings, errors of
+    background threads and "unraisable" ones (C++ callbacks at shutdown) logged through it."""
+    if verbose:
+        yield None
+        return
+    quiet, handlers = _Quiet(), list(logging.getLogger().handlers)
+    hooks = threading.excepthook, sys.unraisablehook
+
+    def one_line(kind: str, err: BaseException | None) -> None:
+        logging.getLogger(kind).error("%s: %s", type(err).__name__, err)  # through `quiet`
+
+    def thread_error(info: threading.ExceptHookArgs) -> None:
+        one_line(f"thread {info.thread.name if info.thread else '?'}", info.exc_value)
+
+    threading.excepthook = thread_error
+    sys.unraisablehook = lambda u: one_line("unraisable", u.exc_value)
+    logging.captureWarnings(True)  # Python warnings too: one line, once
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield quiet
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+        logging.captureWarnings(False)
+        threading.excepthook, sys.unraisablehook = hooks
+
+
+def _error_line(err: BaseException) -> str:
+    """The one line for an error: our refusals (bad input, a job that could not form) say what
+    is wrong; anything else is named by its type (the traceback is under --verbose)."""
+    from distill_jax import distributed
+
+    text = str(err) or type(err).__name__
+    if isinstance(err, ValueError | OSError | ImportError | distributed.DistributedError):
+        return text
+    return f"{type(err).__name__}: {text} (--verbose shows where)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one verb; returns the exit status (1 with a one-line message for bad input)."""
+    """Runs one verb; returns the exit status: 0 when it finished, 1 with a one-line message
+    when it failed (the traceback only with ``--verbose``), 130 on Ctrl-C, and ``128 + signal``
+    when a preemption notice or Ctrl-C stopped training after a checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # ml_collections-style overrides (--config.optim.lr=1e-6) belong to the train verb's config.
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -590,20 +734,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distill_jax import distributed
 
     distributed.configure_logging(args.verbose)
-    try:
-        if args.verb == "train":
-            from distill_jax.config import load_config
+    with _quiet_libraries(args.verbose) as quiet:
+        try:
+            if args.verb == "train":
+                from distill_jax.config import load_config
 
-            args.config_dict = load_config(args.config, args.config_overrides)
-        _join_hosts(args)  # before the first device is touched
-        distributed.configure_logging(args.verbose)  # now the level follows the process index
-        _log_context(args)
-        args.run(args)
-    except (ValueError, OSError, ImportError, distributed.DistributedError) as err:
-        # bad input or a job that could not form: the message says what
-        print(f"distill-jax {args.verb}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+                args.config_dict = load_config(args.config, args.config_overrides)
+            _join_hosts(args)  # before the first device is touched
+            distributed.configure_logging(args.verbose)  # now the level follows the process
+            _log_context(args)
+            status = args.run(args) or 0
+        except KeyboardInterrupt:
+            print(f"distill-jax {args.verb}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 (every failure ends in one line and status 1)
+            if args.verbose:
+                log.exception("distill-jax %s failed", args.verb)
+            line = _error_line(err)
+            if quiet and quiet.held:
+                line += f" ({len(quiet.held)} library error(s) held back; --verbose shows them)"
+            print(f"distill-jax {args.verb}: error: {line}", file=sys.stderr)
+            return 1
+        if quiet:
+            quiet.release()
+        return status
 
 
 if __name__ == "__main__":

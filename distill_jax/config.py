@@ -7,7 +7,9 @@ Command lines use the JAX-ecosystem form ``--config path.py:arg --config.optim.l
 
 from __future__ import annotations
 
+import difflib
 import math
+from pathlib import Path
 
 import ml_collections
 from absl import flags
@@ -112,15 +114,50 @@ def load_config(
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise ValueError(f"config overrides must look like --config.field=value, got {bad}")
+    config = _parse(spec, overrides)
+    check_config(config)
+    return config
+
+
+def _parse(spec: str, overrides: list[str] | tuple[str, ...]) -> ml_collections.ConfigDict:
+    """absl's parse of ``spec`` and ``overrides``, its errors as one-line ``ValueError``s."""
+    path = spec.split(":", 1)[0]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist (spec {spec!r})")
     argv = ["distill-jax", f"--config={spec}", *overrides]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", default=None, flag_values=values, lock_config=True, sys_argv=argv
     )
-    values(argv)
-    config = values.config
-    check_config(config)
-    return config
+    try:
+        values(argv)
+    except flags.Error as err:  # a value of the wrong type, a file that does not load
+        text = str(err).strip()
+        if "Traceback" in text:  # the config file raised: its last line says what
+            text = f"--config={spec}: {text.splitlines()[-1]}"
+        raise ValueError(text) from None
+    except (AttributeError, KeyError):  # an unknown field: name the nearest one
+        if not overrides:
+            raise
+        known = set(_field_paths(_parse(spec, ())))
+        for override in overrides:
+            field = override.removeprefix("--config.").split("=", 1)[0]
+            if field not in known and not any(k.startswith(field + ".") for k in known):
+                near = difflib.get_close_matches(field, known, n=1, cutoff=0.5)
+                hint = f"; did you mean config.{near[0]}?" if near else ""
+                raise ValueError(f"{override}: {spec} has no field config.{field}{hint}") from None
+        raise
+    return values.config
+
+
+def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every field's dotted path, nested configs' own paths included."""
+    paths = []
+    for name, value in config.items():
+        paths.append(prefix + name)
+        if isinstance(value, ml_collections.ConfigDict):
+            paths += _field_paths(value, f"{prefix}{name}.")
+    return paths
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -130,6 +167,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("total_steps", "log_every", "checkpoint_every", "grad_accum"):
         if config[field] < 1:
             raise ValueError(f"config.{field}={config[field]} must be >= 1")
+    for field, value in (("seed", config.seed), ("data.shuffle_seed", config.data.shuffle_seed)):
+        if not 0 <= value < 2**32:  # JAX's seeds are 32-bit: larger ones alias smaller ones
+            raise ValueError(f"config.{field}={value} must be in [0, 2**32)")
     if config.keep_checkpoints < 0:
         raise ValueError(
             f"config.keep_checkpoints={config.keep_checkpoints}: the newest steps to keep, "

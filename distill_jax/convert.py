@@ -13,7 +13,8 @@ Sources (:func:`detect_format`):
 A converted folder::
 
     DST/distill_jax.json               the components and the source
-    DST/<component>/config.json        model config (with time_scale), dtype, source, SHA-256s
+    DST/<component>/config.json        model config (with time_scale), dtype, source, SHA-256s,
+                                       parameter checksums (port.checksum; verified at load)
     DST/<component>/params/            Orbax checkpoint: nested dict of the nnx.Param leaves
     DST/tokenizer/, tokenizer_2/, scheduler/    copied verbatim from a pipeline folder
 
@@ -22,7 +23,7 @@ Components are named as in diffusers: ``transformer`` (:class:`Flux`), ``text_en
 component's key table (``port.table.to_target`` with ``on_leaf``) and written :data:`BATCH_BYTES`
 at a time with Orbax's partial save, so memory holds two batches and a tensor, never a copy of the
 model. Everything is written to a temporary path beside DST, renamed at the end, and removed on
-any failure.
+any failure. NaN and Inf weights are refused unless ``allow_nonfinite``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import threading
 import time
+import types
+import typing
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,8 +53,8 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from distill_jax.models.flux import Flux, FluxConfig
-from distill_jax.port import torch_pt
+from distill_jax.models.flux import Flux, FluxConfig, check_time_scale
+from distill_jax.port import checksum, torch_pt
 from distill_jax.port.flux import diffusers_rules
 from distill_jax.port.formats import (
     COMPONENTS,
@@ -132,6 +136,7 @@ class _LeafWriter:
         self.path = Path(path).absolute()
         self.shapes, self.dtype, self.batch_bytes = shapes, dtype, batch_bytes
         self.written: set[str] = set()
+        self.checksums: dict[str, str] = {}
         self.batch: dict[str, np.ndarray] = {}
         self.pending = None
         self.context = ocp.Context()
@@ -142,6 +147,7 @@ class _LeafWriter:
             got = f"{name!r} {array.dtype}{list(array.shape)}"
             raise PortError(f"writing {self.path}", [f"leaf {got} twice, or not {self.dtype}"])
         self.written.add(name)
+        self.checksums[name] = checksum.host_checksum(array)
         self.batch[name] = array
         if sum(a.nbytes for a in self.batch.values()) >= self.batch_bytes:
             self._flush()
@@ -186,8 +192,16 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
 
 
-def _meta(component: str, model: type, cfg: Any, dtype: str, source: Mapping) -> dict[str, Any]:
-    """A converted component's config.json."""
+def _meta(
+    component: str,
+    model: type,
+    cfg: Any,
+    dtype: str,
+    source: Mapping,
+    checksums: Mapping[str, str],
+) -> dict[str, Any]:
+    """A converted component's config.json; ``checksums`` are :mod:`~distill_jax.port.checksum`'s
+    of every parameter as stored, which :func:`load_model` verifies."""
     config = dataclasses.asdict(cfg)
     return dict(
         format="distill-jax",
@@ -197,6 +211,7 @@ def _meta(component: str, model: type, cfg: Any, dtype: str, source: Mapping) ->
         config=config,
         dtype=dtype,
         source=dict(source),
+        checksums=checksum.record(checksums),
     )
 
 
@@ -207,10 +222,32 @@ def _dtype(dtype: Any) -> np.dtype | None:
     return out
 
 
+def _nonfinite(array: np.ndarray) -> int:
+    """How many NaNs and infinities ``array`` holds (0 for integers)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        return 0
+    return array.size - int(np.count_nonzero(np.isfinite(array)))
+
+
+def _nonfinite_sources(rule: Rule, leaf: np.ndarray, tensors: Any) -> str:
+    """The source tensors (and their files) behind the non-finite values of ``leaf``: the key
+    tables only move values, so inverting the transform finds them."""
+    parts = rule.transform.inverse(leaf)
+    keys = [k for k, p in zip(rule.sources, parts, strict=True) if _nonfinite(p)] or rule.sources
+    return ", ".join(f"{k!r}" + (f" [{tensors.file_of(k)}]" if k in tensors else "") for k in keys)
+
+
 def _convert_component(
-    source: _Source, out: Path, dtype: np.dtype | None, batch_bytes: int, progress: bool
-) -> np.dtype:
-    """Streams one component into ``out/params``; returns the dtype stored."""
+    source: _Source,
+    out: Path,
+    dtype: np.dtype | None,
+    batch_bytes: int,
+    progress: bool,
+    allow_nonfinite: bool = False,
+) -> tuple[np.dtype, dict[str, str]]:
+    """Streams one component into ``out/params``; returns the dtype stored and the checksum of
+    every parameter. NaN or Inf values are refused, naming their tensors, unless
+    ``allow_nonfinite``."""
     comp, what = COMPONENTS[source.component], f"{source.component} from {source.where}"
     tensors = _Tracked(source.tensors, what)
     view = comp.canonical(tensors, source.cfg)  # may read small buffers (CLIP's position ids)
@@ -227,8 +264,20 @@ def _convert_component(
         _bar(total, source.component, progress) as bar,
         _LeafWriter(out / "params", shapes, dtype, batch_bytes) as writer,
     ):
+        rules, nonfinite = {r.target: r for r in source.rules}, {}
 
         def on_leaf(name: str, array: np.ndarray) -> None:
+            if bad := _nonfinite(array):
+                where = _nonfinite_sources(rules[name], array, source.tensors)
+                if not allow_nonfinite:
+                    raise PortError(
+                        what,
+                        [
+                            f"{bad} NaN or Inf value(s) in {where} (as {dtype.name}); pass "
+                            "--allow-nonfinite (allow_nonfinite=True) to convert them anyway"
+                        ],
+                    )
+                nonfinite[where] = bad
             writer(name, array)
             bar.update(tensors.bytes - bar.n)
             bar.set_postfix_str(f"{tensors.count}/{len(tensors)} tensors", refresh=False)
@@ -245,6 +294,14 @@ def _convert_component(
                 for p in err.problems
             ]
             raise PortError(what, named) from None
+    if nonfinite:
+        log.warning(
+            "%s: converted %d NaN or Inf value(s), as allowed, in %d tensor(s): %s",
+            source.component,
+            sum(nonfinite.values()),
+            len(nonfinite),
+            "; ".join(list(nonfinite)[:5]) + (" ..." if len(nonfinite) > 5 else ""),
+        )
     gb, seconds = tensors.bytes / 1e9, time.perf_counter() - start
     log.info(
         "%s: %d tensors, %.3f GB in %.1f s (%.2f GB/s), stored as %s",
@@ -255,7 +312,7 @@ def _convert_component(
         gb / seconds,
         dtype.name,
     )
-    return dtype
+    return dtype, writer.checksums
 
 
 def _write_json(path: Path, obj: Mapping) -> None:
@@ -307,6 +364,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     batch_bytes: int = BATCH_BYTES,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Converts a diffusers folder, BFL file or T2I-Distill ``.pt`` into a distill-jax folder.
 
@@ -318,7 +376,9 @@ def convert(
         diffusers and BFL weights (stock FLUX), 1 for T2I-Distill students.
       components: a subset of :data:`COMPONENTS` (default: every one the source has).
       config: a diffusers transformer ``config.json`` for a single file (default: inferred).
-    Returns ``dst``.
+      allow_nonfinite: convert NaN and Inf weights (with a warning counting them) instead of
+        refusing them.
+    Returns ``dst``; each component's config.json records a checksum of every parameter.
     """
     src, dst, start = Path(src), Path(dst), time.perf_counter()
     fmt = detect_format(src) if format == "auto" else format
@@ -328,6 +388,8 @@ def convert(
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
     dtype = _dtype(dtype)
+    if time_scale is not None:
+        check_time_scale(time_scale)
     stop, pool = threading.Event(), concurrent.futures.ThreadPoolExecutor(1)
     try:
         with _staging(dst, overwrite, src) as tmp:
@@ -339,13 +401,16 @@ def convert(
             base = src if src.is_dir() else src.parent
             for s in sources:
                 (tmp / s.component).mkdir(parents=True)
-                stored = _convert_component(s, tmp / s.component, dtype, batch_bytes, progress)
+                stored, sums = _convert_component(
+                    s, tmp / s.component, dtype, batch_bytes, progress, allow_nonfinite
+                )
                 sha = {
                     str(f.relative_to(base) if f.is_relative_to(base) else f): h.result()
                     for f, h in hashes[s.component].items()
                 }
                 origin = {"path": str(s.where.resolve()), "format": fmt, "sha256": sha}
-                meta = _meta(s.component, COMPONENTS[s.component].model, s.cfg, stored.name, origin)
+                model = COMPONENTS[s.component].model
+                meta = _meta(s.component, model, s.cfg, stored.name, origin, sums)
                 _write_json(tmp / s.component / "config.json", meta)
             for folder in copies:
                 shutil.copytree(folder, tmp / folder.name)
@@ -379,11 +444,62 @@ def _component_folder(path: Path, component: str | None = None) -> tuple[Path, d
     return folder, meta
 
 
-def _config_from_json(cls: type, fields: Mapping[str, Any], where: Path) -> Any:
+def _json_fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of a config field's type: ints are ints (not floats or bools),
+    floats finite numbers, tuples lists."""
+    if hint is float:
+        return type(value) is int or (type(value) is float and math.isfinite(value))
+    if hint in (int, bool, str, type(None)):
+        return type(value) is hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_json_fits(value, a) for a in args)
+    if typing.get_origin(hint) is tuple and args[1:] == (Ellipsis,):
+        return type(value) is list and all(_json_fits(v, args[0]) for v in value)
+    raise TypeError(f"no JSON type check for {hint}")
+
+
+def _config_from_json(cls: type, fields: Any, where: Path) -> Any:
+    """``cls`` from the ``config`` object of a converted config.json: every field present and of
+    its type; a one-line ValueError naming the file and each bad field otherwise."""
+    path = where / "config.json"
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"{path}: 'config' is a {type(fields).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    wanted = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"missing field {k!r}" for k in wanted if k not in fields]
+    problems += [f"unknown field {k!r}" for k in fields if k not in hints]
+    problems += [
+        f"{k} is {json.dumps(v)[:40]}, expected {getattr(hints[k], '__name__', hints[k])}"
+        for k, v in fields.items()
+        if k in hints and not _json_fits(v, hints[k])
+    ]
+    if problems:
+        raise ValueError(f"{path}: bad {cls.__name__}: " + "; ".join(problems))
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where / 'config.json'}: bad {cls.__name__} ({err})") from None
+        raise ValueError(f"{path}: bad {cls.__name__} ({err})") from None
+
+
+def _stored_dtype(meta: Mapping, folder: Path) -> np.dtype:
+    stored = meta.get("dtype")
+    if not (isinstance(stored, str) and stored in DTYPES):
+        raise ValueError(f"{folder / 'config.json'}: dtype {stored!r} is not one of {list(DTYPES)}")
+    return DTYPES[stored]
+
+
+def _load_params(folder: Path, target: Any) -> Any:
+    """``ocp.load`` of ``folder/params`` into ``target``; a damaged checkpoint is a one-line
+    error naming the folder."""
+    try:
+        return ocp.load((folder / "params").absolute(), target)
+    except Exception as err:  # Orbax and tensorstore raise ValueError, OSError, RuntimeError, ...
+        why = str(err).strip().split("\n")[0][:300]
+        raise ValueError(
+            f"{folder / 'params'}: cannot read the parameters ({type(err).__name__}: {why}); "
+            "the folder is damaged or incomplete: convert (or save) it again"
+        ) from None
 
 
 def load_model(
@@ -407,8 +523,9 @@ def load_model(
     """
     folder, meta = _component_folder(Path(path), component)
     comp = COMPONENTS[meta["component"]]
-    cfg = _config_from_json(comp.config, meta["config"], folder)
-    dtype = _dtype(dtype) or np.dtype(jnp.dtype(meta["dtype"]))
+    cfg = _config_from_json(comp.config, meta.get("config"), folder)
+    stored = _stored_dtype(meta, folder)
+    dtype = _dtype(dtype) or stored
     abstract = nnx.eval_shape(
         lambda: comp.model(
             cfg, rngs=nnx.Rngs(0), dtype=compute_dtype or dtype, param_dtype=dtype, **model_kw
@@ -424,8 +541,9 @@ def load_model(
             assert_not_replicated(state, named)
         shardings = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(named)}
     target = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
-    restored = _flatten(ocp.load((folder / "params").absolute(), _nest(target)))
-    log.info("restored the %s (%s) from %s", meta["component"], dtype.name, folder)
+    restored = _flatten(_load_params(folder, _nest(target)))
+    checked = checksum.verify(folder, meta.get("checksums"), restored, stored)
+    log.info("restored the %s (%s, %s) from %s", meta["component"], dtype.name, checked, folder)
     return from_flat_params(abstract, restored)
 
 
@@ -478,10 +596,11 @@ def save_model(
     dtypes = {np.dtype(v.dtype).name for v in params.values()}
     if len(dtypes) != 1:
         raise ValueError(f"parameters of several dtypes {sorted(dtypes)}; cast them to one")
+    sums = checksum.checksums(params)
     with _staging(Path(dst), overwrite) as tmp:
         tmp.mkdir()
         ocp.save_pytree((tmp / "params").absolute(), _nest(params))
-        meta = _meta(name, type(model), model.cfg, dtypes.pop(), source or {})
+        meta = _meta(name, type(model), model.cfg, dtypes.pop(), source or {}, sums)
         _write_json(tmp / "config.json", meta)
     return Path(dst)
 
@@ -490,10 +609,17 @@ def save_model(
 
 
 def _exported_tensors(
-    params: Path, rules: Sequence[Rule], shapes: Mapping, dtype: np.dtype, batch_bytes: int
+    folder: Path,
+    meta: Mapping,
+    rules: Sequence[Rule],
+    shapes: Mapping,
+    dtype: np.dtype,
+    batch_bytes: int,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Diffusers-named tensors in rule order, restoring ``batch_bytes`` of leaves at a time (the
-    other leaves are Orbax placeholders, never read)."""
+    other leaves are Orbax placeholders, never read), each batch checked against the folder's
+    checksums."""
+    stored = _stored_dtype(meta, folder)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     chunk, size = [], 0
     for i, r in enumerate(rules):
@@ -506,8 +632,10 @@ def _exported_tensors(
             k: jax.ShapeDtypeStruct(s, dtype, sharding=cpu) if k in names else ocp.PLACEHOLDER
             for k, s in shapes.items()
         }
-        leaves = _flatten(ocp.load(Path(params).absolute(), _nest(target)))
-        yield from to_source({k: np.asarray(leaves[k]) for k in names}, chunk).items()
+        leaves = _flatten(_load_params(folder, _nest(target)))
+        batch = {k: np.asarray(leaves[k]) for k in names}
+        checksum.verify(folder, meta.get("checksums"), batch, stored, subset=True)
+        yield from to_source(batch, chunk).items()
         chunk, size = [], 0
 
 
@@ -535,8 +663,8 @@ def export(
         raise ValueError(f"export format {format!r}: choose one of {EXPORT_FORMATS}")
     src, dst = Path(src), Path(dst)
     folder, meta = _component_folder(src, "transformer")
-    cfg = _config_from_json(FluxConfig, meta["config"], folder)
-    dtype = _dtype(dtype) or np.dtype(jnp.dtype(meta["dtype"]))
+    cfg = _config_from_json(FluxConfig, meta.get("config"), folder)
+    dtype = _dtype(dtype) or _stored_dtype(meta, folder)
     if format == "t2i-distill" and cfg.time_scale != 1.0:
         log.warning(
             "exporting a time_scale=%g model as a T2I-Distill .pt, whose code feeds "
@@ -554,9 +682,7 @@ def export(
     with _staging(dst, overwrite, src) as tmp, _bar(total, f"export {format}", progress) as bar:
 
         def tensors() -> Iterator[tuple[str, np.ndarray]]:
-            for key, array in _exported_tensors(
-                folder / "params", rules, shapes, dtype, batch_bytes
-            ):
+            for key, array in _exported_tensors(folder, meta, rules, shapes, dtype, batch_bytes):
                 bar.update(array.nbytes)
                 yield key, array
 

@@ -184,6 +184,9 @@ def configure_logging(verbose: bool = False) -> None:
     else:
         root.setLevel(logging.INFO if is_primary() else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every read at INFO
+    # "Task exception was never retrieved", one per Orbax write that failed and was reported
+    # (some at exit): noise unless debugging.
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     # "Unable to initialize backend 'tpu'" on every machine without one.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
@@ -324,7 +327,10 @@ def launch_local(
             )
         )
 
+    forwarded = []
+
     def forward(signum, frame):  # noqa: ARG001
+        forwarded.append(signum)
         for c in children:
             if c.poll() is None:
                 c.send_signal(signum)
@@ -333,7 +339,8 @@ def launch_local(
     try:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while any(c.poll() is None for c in children):
-            failed = [c for c in children if c.returncode not in (None, 0)]
+            # After a forwarded signal every process stops by itself (a checkpoint, then 128+N).
+            failed = [c for c in children if c.returncode not in (None, 0) and not forwarded]
             late = deadline is not None and time.monotonic() > deadline
             if failed or late:
                 time.sleep(5 if failed and not late else 0)  # let the others report the failure

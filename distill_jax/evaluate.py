@@ -258,7 +258,15 @@ def generate_geneval(
       ``{"prompts", "generated", "skipped", "seconds"}``: all prompts, and this host's generated
       and already-present ones.
     """
+    from distill_jax.pipeline.generate import SEED_LIMIT, check_request
+
     rows = read_geneval_metadata(metadata_path)
+    if samples < 1:
+        raise ValueError(f"samples={samples} must be >= 1")
+    prompts = [r["prompt"] for r in rows]
+    check_request(prompts, height=size, width=size, steps=steps, guidance=guidance, seed=seed)
+    if seed + len(rows) > SEED_LIMIT:
+        raise ValueError(f"seed={seed}: prompt i draws seed + i, past {SEED_LIMIT - 1}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mine = distributed.my_share(len(rows))  # every prompt on exactly one host

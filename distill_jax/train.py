@@ -481,7 +481,8 @@ class Run:
     student_cfg: FluxConfig
     graphdef: nnx.GraphDef
     metrics: list[dict]
-    stopped_early: bool
+    stopped_early: bool  # by a preemption notice or Ctrl-C, after saving a checkpoint
+    stop_signal: int | None = None  # the signal that stopped it (SIGTERM, SIGINT)
 
     def student(self) -> Flux:
         """The trained student on the host (gathered from every process: all must call it)."""
@@ -687,68 +688,80 @@ def train(
     )
     # The batch is the loop's one intended host-to-device transfer; any other is an error.
     guard = partial(jax.transfer_guard, "disallow")
-    with Preemption() as preempt, jax.set_mesh(mesh), axis_rules(rules), contextlib.closing(bar):
-        t_last, n_last = time.perf_counter(), step
-        while step < config.total_steps:
-            batch = place(next(data_iter))
-            if compiled is None:  # compile once; the executable also gives the FLOP count
-                start = time.perf_counter()
-                compiled = jitted.lower(state, teacher_params, batch, aux, root).compile()
-                flops = _flops(compiled)
-                log.info(
-                    "step compiled in %.1f s (%s FLOPs per device per step)",
-                    time.perf_counter() - start,
-                    f"{flops:.3g}" if flops else "unknown",
-                )
-            with guard():
-                state, metrics = compiled(state, teacher_params, batch, aux, root)
-            step += 1
-            bar.update(1)
-            logged = step % config.log_every == 0 or step == config.total_steps
-            # The skip counter is read only where metrics are pulled anyway (no per-step sync).
-            streak = int(jax.device_get(state["nonfinite_streak"])) if logged else 0
-            if streak > config.max_consecutive_nonfinite:
+    try:
+        with (
+            Preemption() as preempt,
+            jax.set_mesh(mesh),
+            axis_rules(rules),
+            contextlib.closing(bar),
+        ):
+            t_last, n_last = time.perf_counter(), step
+            while step < config.total_steps:
+                batch = place(next(data_iter))
+                if compiled is None:  # compile once; the executable also gives the FLOP count
+                    start = time.perf_counter()
+                    compiled = jitted.lower(state, teacher_params, batch, aux, root).compile()
+                    flops = _flops(compiled)
+                    log.info(
+                        "step compiled in %.1f s (%s FLOPs per device per step)",
+                        time.perf_counter() - start,
+                        f"{flops:.3g}" if flops else "unknown",
+                    )
+                with guard():
+                    state, metrics = compiled(state, teacher_params, batch, aux, root)
+                step += 1
+                bar.update(1)
+                logged = step % config.log_every == 0 or step == config.total_steps
+                # The skip counter is read only where metrics are pulled anyway (no per-step sync).
+                streak = int(jax.device_get(state["nonfinite_streak"])) if logged else 0
+                if streak > config.max_consecutive_nonfinite:
+                    save(step, force=True)
+                    ckpt.close()
+                    limit = config.max_consecutive_nonfinite
+                    raise NonFiniteError(
+                        f"{streak} consecutive steps had a non-finite loss, gradient or update "
+                        f"(limit config.max_consecutive_nonfinite={limit}, checked every "
+                        f"config.log_every={config.log_every} steps); stopped at step {step} "
+                        f"with the last good parameters saved in {ckpt.directory}"
+                    )
+                if logged:
+                    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    rate = (step - n_last) / max(now - t_last, 1e-9)
+                    t_last, n_last = now, step
+                    host["perf/steps_per_second"] = rate
+                    if flops:
+                        host["perf/tflops_per_device"] = flops * rate / 1e12
+                        if peak:
+                            host["perf/mfu"] = host["perf/tflops_per_device"] / peak
+                    history.append({"step": step, **host})
+                    bar.set_postfix(loss=f"{host['train/loss']:.4g}", rate=f"{rate:.2f}/s")
+                    if writer:
+                        writer.write(step, host)
+                    if on_step:
+                        on_step(step, host)
+                if step % config.checkpoint_every == 0:
+                    save(step)
+                if preempt.reached(step):
+                    save(step, force=True)
+                    stopped = True
+                    break
+            if not stopped and step not in ckpt.steps():
                 save(step, force=True)
-                ckpt.close()
-                raise NonFiniteError(
-                    f"{streak} consecutive steps had a non-finite loss, gradient or update "
-                    f"(limit config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}, "
-                    f"checked every config.log_every={config.log_every} steps); stopped at step "
-                    f"{step} with the last good parameters saved in {ckpt.directory}"
-                )
-            if logged:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                rate = (step - n_last) / max(now - t_last, 1e-9)
-                t_last, n_last = now, step
-                host["perf/steps_per_second"] = rate
-                if flops:
-                    host["perf/tflops_per_device"] = flops * rate / 1e12
-                    if peak:
-                        host["perf/mfu"] = host["perf/tflops_per_device"] / peak
-                history.append({"step": step, **host})
-                bar.set_postfix(loss=f"{host['train/loss']:.4g}", rate=f"{rate:.2f}/s")
-                if writer:
-                    writer.write(step, host)
-                if on_step:
-                    on_step(step, host)
-            if step % config.checkpoint_every == 0:
-                save(step)
-            if preempt.reached(step):
-                save(step, force=True)
-                stopped = True
-                break
-        if not stopped and step not in ckpt.steps():
-            save(step, force=True)
+    except BaseException:  # an error, or a second Ctrl-C: finish the save in flight
+        ckpt.close_after_error()
+        raise
+    finally:
+        if writer:
+            writer.close()
     ckpt.close()
-    if writer:
-        writer.close()
     return Run(
         state=state,
         student_cfg=setup.student_cfg,
         graphdef=setup.student_gd,
         metrics=history,
         stopped_early=stopped,
+        stop_signal=preempt.signum if stopped else None,
     )
 
 

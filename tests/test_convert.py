@@ -598,7 +598,111 @@ def bad_index_list(tmp_path):
     return src, {}, SafetensorsError, r"weight_map must map tensor names to shard file names"
 
 
+def _edit_file(path, edit):
+    """Rewrites a safetensors file with ``edit(state dict)`` applied (the library writes it)."""
+    sd = safetensors.numpy.load_file(path)
+    edit(sd)
+    safetensors.numpy.save_file(sd, path)
+
+
+def bad_nan_weight(tmp_path):
+    """A NaN in to_k: the fused qkv leaf is split back to name to_k alone, with its file."""
+    src, f = _diffusers_file(tmp_path)
+    _edit_file(
+        f, lambda sd: sd["transformer_blocks.0.attn.to_k.weight"].__setitem__((1, 2), np.nan)
+    )
+    return (
+        src,
+        {},
+        PortError,
+        r"1 NaN or Inf value\(s\) in 'transformer_blocks\.0\.attn\.to_k\.weight' "
+        r"\[diffusion_pytorch_model\.safetensors\] \(as float32\); pass --allow-nonfinite",
+    )
+
+
+def bad_inf_bias(tmp_path):
+    src, f = _diffusers_file(tmp_path)
+    _edit_file(f, lambda sd: sd["proj_out.bias"].__setitem__(slice(0, 3), -np.inf))
+    return src, {}, PortError, r"3 NaN or Inf value\(s\) in 'proj_out\.bias' \[diffusion_pytorch"
+
+
+def bad_rank1_x_embedder(tmp_path):
+    src, f = _diffusers_file(tmp_path)
+    _edit_file(f, lambda sd: sd.__setitem__("x_embedder.weight", sd["x_embedder.weight"][0]))
+    return (
+        src,
+        {},
+        ValueError,
+        r"^\S*src: 'x_embedder\.weight' \[diffusion_pytorch_model\.safetensors\] has shape "
+        r"\(16,\), expected 2 non-zero dimension\(s\)$",
+    )
+
+
+def bad_header_deep(tmp_path):
+    src, f = _diffusers_file(tmp_path)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    f.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    return src, {}, SafetensorsError, r"diffusion_pytorch_model\.safetensors: header JSON is nested"
+
+
+def bad_index_not_utf8(tmp_path):
+    src = _index_naming(tmp_path, lambda name, sd: dict.fromkeys(sd, name))
+    index = src / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_bytes(b'{"weight_map": {"\xff\xfe": 1}}')
+    return src, {}, SafetensorsError, r"index\.json: not a safetensors index .*utf-8"
+
+
+def bad_config_not_utf8(tmp_path):
+    src, _ = _diffusers_file(tmp_path)
+    (src / "config.json").write_bytes(b'{"_class_name": "\xff"}')
+    return src, {}, ValueError, r"src/config\.json: not valid JSON .*utf-8"
+
+
+def bad_pt_truncated(tmp_path):
+    torch.save({"module": dict(torch_flux(WIDE).state_dict())}, tmp_path / "s.pt")
+    raw = (tmp_path / "s.pt").read_bytes()
+    (tmp_path / "s.pt").write_bytes(raw[: len(raw) // 2])
+    return tmp_path / "s.pt", {}, ValueError, r"^\S*s\.pt: not a readable PyTorch checkpoint, trunc"
+
+
+def bad_pt_flipped_byte(tmp_path):
+    """torch.load never checks the zip's CRC-32s; load_pt does."""
+    sd = dict(torch_flux(WIDE).state_dict())
+    torch.save({"module": sd}, tmp_path / "s.pt")
+    raw = bytearray((tmp_path / "s.pt").read_bytes())
+    at = raw.find(sd["proj_out.weight"].numpy().tobytes())
+    raw[at + 5] ^= 0x10
+    (tmp_path / "s.pt").write_bytes(bytes(raw))
+    return (
+        tmp_path / "s.pt",
+        {},
+        ValueError,
+        r"^\S*s\.pt: corrupt PyTorch checkpoint \(BadZipFile: Bad CRC-32",
+    )
+
+
+def bad_time_scale_in_exported_config(tmp_path):
+    src, _ = _diffusers_file(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "_distill_jax": {"time_scale": "1000"}}))
+    return (
+        src,
+        {},
+        ValueError,
+        r"src/config\.json: _distill_jax: time_scale='1000': expected a finite",
+    )
+
+
 BAD = [
+    bad_nan_weight,
+    bad_inf_bias,
+    bad_rank1_x_embedder,
+    bad_header_deep,
+    bad_index_not_utf8,
+    bad_config_not_utf8,
+    bad_pt_truncated,
+    bad_pt_flipped_byte,
+    bad_time_scale_in_exported_config,
     bad_index_leaves_the_folder,
     bad_index_absolute,
     bad_index_list,
@@ -681,3 +785,256 @@ def test_export_refuses_what_is_not_a_converted_transformer(converted, tmp_path)
         export(converted, tmp_path / "hf")
     with pytest.raises(ValueError, match=r"export format 'onnx'"):
         export(converted, tmp_path / "x", format="onnx")
+
+
+# --- checksums, converted configs and damaged folders -----------------------------------------
+
+
+def _reference_checksum(array: np.ndarray) -> str:
+    """The checksum's formula element by element in Python integers (port/checksum.py)."""
+    from distill_jax.port.checksum import SEEDS
+
+    m = 0xFFFFFFFF
+
+    def fmix(h):
+        h ^= h >> 16
+        h = h * 0x85EBCA6B & m
+        h ^= h >> 13
+        h = h * 0xC2B2AE35 & m
+        return h ^ (h >> 16)
+
+    bits = array.reshape(-1).view(np.uint16 if array.itemsize == 2 else np.uint32).tolist()
+    sums = [sum(fmix(b ^ (i * 0x9E3779B1 + s) & m) for i, b in enumerate(bits)) & m for s in SEEDS]
+    return "".join(f"{x:08x}" for x in sums)
+
+
+def test_checksum_is_one_formula_on_host_and_on_sharded_devices():
+    """NumPy chunk by chunk (across a chunk boundary), jitted over arrays sharded on 8 devices,
+    and after a widening load (cast back): all equal to the formula; and a flipped bit, two
+    swapped elements or a transpose change it."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from distill_jax.port.checksum import checksums, host_checksum
+
+    rng = np.random.default_rng(0)
+    special = rng.standard_normal((4, 6, 2)).astype(jnp.bfloat16)
+    special[0, 1, 0], special[3, 5, 1] = np.nan, -np.inf
+    arrays = {
+        "long": (rng.standard_normal(70_000).astype(np.float32), P("data")),
+        "bf16": (special, P("fsdp", "tensor", None)),
+        "square": (rng.standard_normal((8, 8)).astype(np.float32), P(None, ("fsdp", "tensor"))),
+        "scalar": (np.float32(3.5).reshape(()), P()),
+        "empty": (np.zeros((0, 4), jnp.bfloat16), P()),
+    }
+    expected = {k: _reference_checksum(a) for k, (a, _) in arrays.items()}
+    assert {k: host_checksum(a) for k, (a, _) in arrays.items()} == expected
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = {k: jax.device_put(a, NamedSharding(mesh, spec)) for k, (a, spec) in arrays.items()}
+    assert checksums(sharded) == expected
+    widened = {"bf16": jax.device_put(special.astype(np.float32), NamedSharding(mesh, P("data")))}
+    assert checksums(widened, cast=jnp.bfloat16) == {"bf16": expected["bf16"]}
+    square = arrays["square"][0]
+    flipped = square.copy()
+    flipped.view(np.uint32)[3, 4] ^= 1 << 7
+    swapped = square.copy()
+    swapped[[2, 5]] = swapped[[5, 2]]
+    for other in (flipped, swapped, square.T):
+        assert host_checksum(other) != expected["square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A converted tiny transformer (float32) and its diffusers source folder."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    torch_flux(FluxConfig.tiny()).save_pretrained(tmp / "src")
+    return convert(tmp / "src", tmp / "jax", progress=False), tmp / "src"
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def _edit_meta(folder, edit):
+    path = folder / "transformer" / "config.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    return folder / "transformer"
+
+
+def test_converted_and_saved_folders_record_checksums(tiny_folder, tmp_path):
+    """convert records every parameter's checksum; save_model records the same ones from arrays
+    sharded across 8 devices; both folders load verified."""
+    from distill_jax.port.checksum import host_checksum
+
+    folder, _ = tiny_folder
+    recorded = json.loads((folder / "transformer" / "config.json").read_text())["checksums"]
+    model = load_flux(folder, mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    flat = flat_params(model)
+    assert recorded["params"] == {k: host_checksum(v) for k, v in flat.items()}
+    saved = save_model(model, tmp_path / "saved")
+    assert json.loads((saved / "config.json").read_text())["checksums"] == recorded
+    np.testing.assert_array_equal(
+        flat_params(load_flux(saved))["img_in.kernel"], flat["img_in.kernel"]
+    )
+
+
+def _other_weights(folder):
+    """The params of a model that differs in one element of img_in.kernel: what a flipped byte
+    in a data file loads, silently without checksums."""
+    import shutil
+
+    model = load_flux(folder)
+    kernel = model.img_in.kernel
+    kernel.set_value(kernel.get_value().at[3, 1].add(1e-3))
+    other = save_model(model, folder.parent / "other")
+    shutil.rmtree(folder / "transformer" / "params")
+    shutil.copytree(other / "params", folder / "transformer" / "params")
+
+
+def _edited_checksum(folder):
+    def edit(meta):
+        sums = meta["checksums"]["params"]
+        sums["img_in.kernel"] = sums["img_in.kernel"][::-1]
+
+    _edit_meta(folder, edit)
+
+
+@pytest.mark.parametrize("damage", [_other_weights, _edited_checksum], ids=lambda f: f.__name__)
+def test_load_refuses_weights_that_differ_from_their_checksums(tiny_folder, tmp_path, damage):
+    folder = _copy(tiny_folder[0], tmp_path)
+    damage(folder)
+    with pytest.raises(ValueError) as err:
+        load_flux(folder)
+    assert re.fullmatch(
+        rf"{folder}/transformer/params: 1 parameter\(s\) do not match the checksums recorded .*"
+        r"\('img_in\.kernel'\): the checkpoint is corrupt; convert it again",
+        str(err.value),
+    ), str(err.value)
+    with pytest.raises(ValueError, match=r"params: 1 parameter\(s\) do not match.*img_in"):
+        export(folder, tmp_path / "exported", format="diffusers", progress=False)
+    assert not (tmp_path / "exported").exists()
+
+
+def test_checksums_after_widening_and_narrowing_loads(tmp_path, caplog):
+    """bfloat16 stored, float32 loaded: verified after the exact cast back. float32 stored,
+    bfloat16 loaded: not verifiable, said in the log. No checksums at all (a folder written
+    before them): loads, said in the log."""
+    import logging
+
+    model = flux_from_diffusers(state_dict(torch_flux(FluxConfig.tiny())), FluxConfig.tiny())
+    bf16 = save_model(model, tmp_path / "bf16" / "transformer", dtype="bfloat16")
+    f32 = save_model(model, tmp_path / "f32" / "transformer")
+    assert load_flux(bf16, dtype="float32").img_in.kernel.get_value().dtype == jnp.float32
+    for folder in (tmp_path / "bf16", tmp_path / "f32"):
+        _edited_checksum(folder)
+    with pytest.raises(ValueError, match=r"bf16/transformer/params: 1 parameter\(s\) do not"):
+        load_flux(bf16, dtype="float32")
+    with caplog.at_level(logging.INFO, logger="distill_jax.convert"):
+        load_flux(f32, dtype="bfloat16")
+        assert "unverified: narrowed from the stored float32" in caplog.text
+        _edit_meta(tmp_path / "f32", lambda meta: meta.pop("checksums"))
+        load_flux(f32)
+        assert "unverified: the folder predates checksums" in caplog.text
+
+
+def test_truncated_orbax_file_names_the_folder(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder[0], tmp_path)
+    data = [f for f in (folder / "transformer" / "params").rglob("d/*") if f.is_file()]
+    assert data
+    for f in data:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError) as err:
+        load_flux(folder)
+    assert re.fullmatch(
+        rf"{folder}/transformer/params: cannot read the parameters \(.*\); the folder is "
+        r"damaged or incomplete: convert \(or save\) it again",
+        str(err.value),
+    ), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("time_scale", None, r"missing field 'time_scale'"),
+        ("time_scale", float("nan"), r"time_scale is NaN, expected float"),
+        ("time_scale", 0.0, r"time_scale=0\.0: expected a finite number > 0"),
+        ("time_scale", -1000.0, r"time_scale=-1000\.0: expected a finite number > 0"),
+        ("time_scale", "1000", r"time_scale is \"1000\", expected float"),
+        ("num_double", 2.0, r"num_double is 2\.0, expected int"),
+        ("num_heads", "2", r"num_heads is \"2\", expected int"),
+        ("guidance_embed", 1, r"guidance_embed is 1, expected bool"),
+        ("axes_dim", [4, 6.0, 6], r"axes_dim is \[4, 6\.0, 6\], expected tuple"),
+        ("out_channels", True, r"out_channels is true, expected int \| None"),
+        ("colour", "red", r"unknown field 'colour'"),
+    ],
+)
+def test_bad_converted_config_is_one_line_naming_file_and_field(
+    tiny_folder, tmp_path, field, value, message
+):
+    def edit(meta):
+        if value is None:
+            del meta["config"][field]
+        else:
+            meta["config"][field] = value
+
+    folder = _edit_meta(_copy(tiny_folder[0], tmp_path), edit)
+    with pytest.raises(ValueError) as err:
+        load_flux(folder)
+    assert "\n" not in str(err.value), str(err.value)
+    assert re.match(rf"{folder}/config\.json: bad FluxConfig.*{message}", str(err.value)), str(
+        err.value
+    )
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda meta: meta.update(config=[1, 2]), r"'config' is a list, not an object"),
+        (lambda meta: meta.update(dtype="float64"), r"dtype 'float64' is not one of"),
+        (lambda meta: meta.update(checksums={"algorithm": "md5"}), r"unreadable checksums"),
+    ],
+)
+def test_bad_converted_meta_names_the_file(tiny_folder, tmp_path, edit, message):
+    folder = _edit_meta(_copy(tiny_folder[0], tmp_path), edit)
+    with pytest.raises(ValueError, match=rf"^{folder}/config\.json: {message}"):
+        load_flux(folder)
+
+
+@pytest.mark.parametrize("time_scale", [float("nan"), 0, -1.0, "1000", True, float("inf")])
+def test_convert_refuses_a_bad_time_scale(tiny_folder, tmp_path, time_scale):
+    _, src = tiny_folder
+    with pytest.raises(ValueError, match=r"^time_scale=.*: expected a finite number > 0"):
+        convert(src, tmp_path / "jax", time_scale=time_scale, progress=False)
+    no_leftovers(tmp_path)
+
+
+def test_allow_nonfinite_converts_them_with_a_warning(tmp_path, caplog):
+    """Refused by default (bad_nan_weight); with --allow-nonfinite converted where they were,
+    counted in a warning, and the folder loads verified."""
+    import logging
+
+    from distill_jax import cli
+
+    src, f = _diffusers_file(tmp_path)
+    _edit_file(
+        f, lambda sd: sd["transformer_blocks.0.attn.to_k.weight"].__setitem__((1, 2), np.nan)
+    )
+    argv = ["convert", str(src), str(tmp_path / "jax"), "--allow-nonfinite", "--no-progress"]
+    with caplog.at_level(logging.WARNING, logger="distill_jax.convert"):
+        assert cli.main(argv) == 0
+    assert re.search(
+        r"transformer: converted 1 NaN or Inf value\(s\), as allowed, in 1 tensor\(s\): "
+        r"'transformer_blocks\.0\.attn\.to_k\.weight' \[diffusion_pytorch_model\.safetensors\]",
+        caplog.text,
+    ), caplog.text
+    kernel = np.asarray(
+        load_flux(tmp_path / "jax").double_blocks[0].img_attn.qkv.kernel.get_value()
+    )
+    d = FluxConfig.tiny().hidden
+    assert (
+        np.isnan(kernel[2, d + 1]) and np.isnan(kernel).sum() == 1
+    )  # to_k [out, in] -> [in, d+out]

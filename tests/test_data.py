@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import grain
@@ -31,6 +33,7 @@ import pytest
 import tensorflow_datasets as tfds
 import torch
 from flax import nnx
+from image_bytes import encode, exif_orientation, noise_image, png_declaring
 from PIL import Image
 
 from distill_jax.data import builders, sources
@@ -46,18 +49,6 @@ R = 16  # output resolution of the image tests
 LEVEL = 1 / 127.5  # one grey level in [-1, 1]
 
 
-def noise_image(seed: int, h: int, w: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    return img.convert(mode) if mode != "P" else img.quantize(64)
-
-
-def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
 # name -> (size, mode, format, where the caption is). Sizes cover portrait, landscape, square,
 # upsampling (13x11 < R) and no resize with a half-pixel crop (21x16: torchvision rounds 2.5 to 2).
 GOOD = {
@@ -67,7 +58,7 @@ GOOD = {
     "img3.png": ((13, 11), "RGBA", "PNG", "txt"),
     "img4.png": ((64, 48), "P", "PNG", "both"),
 }
-SKIPPED = {"undecodable_image": 1, "missing_caption": 2, "missing_image": 1}
+SKIPPED = {"undecodable_image": 1, "missing_caption": 2, "missing_image": 1, "oversized_image": 1}
 
 
 def caption_of(name: str) -> str:
@@ -77,7 +68,8 @@ def caption_of(name: str) -> str:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """5 good records; a truncated PNG, an image without caption, one whose side-car is blank,
-    and a JSONL entry for a file that does not exist."""
+    a JSONL entry for a file that does not exist, and a 1 x 200 strip (over the aspect ratio
+    limit)."""
     root = tmp_path_factory.mktemp("folder")
     (root / "sub").mkdir()
     meta = []
@@ -95,6 +87,8 @@ def folder(tmp_path_factory) -> Path:
     (root / "blank.png").write_bytes(encode(noise_image(11, 20, 20)))
     (root / "blank.txt").write_text("   \n")
     meta.append({"file_name": "gone.png", "caption": "no such file"})
+    (root / "wide.png").write_bytes(encode(noise_image(12, 1, 200)))
+    meta.append({"file_name": "wide.png", "caption": "a strip"})
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta) + "\n")
     return root
 
@@ -138,14 +132,16 @@ def test_folder_build_reads_back(folder, image_ds):
     for r in rows:  # the stored bytes are the file, untouched
         assert bytes(r["image"]) == (folder / text(r["key"])).read_bytes()
     info = builders.load_info(image_ds)
-    # Sorted: blank broken gone | img0 img1 img3 | img4 nocap sub/img2 (shard 0 ends up empty).
-    assert info.splits["train"].shard_lengths == [0, 3, 2]
+    # Sorted: blank broken gone | img0 img1 img3 | img4 nocap sub/img2 | wide (shards 0 and 3
+    # end up empty).
+    assert info.splits["train"].shard_lengths == [0, 3, 2, 0]
     assert info.metadata["skipped"] == SKIPPED
     assert sorted(info.metadata["skipped_keys_sample"]) == [
         "blank.png",
         "broken.png",
         "gone.png",
         "nocap.png",
+        "wide.png",
     ]
     assert "tensorflow" not in sys.modules  # built and read back without TensorFlow
 
@@ -174,6 +170,7 @@ def test_parquet_build_reads_back(tmp_path, image_kind):
         "undecodable_image": 1,
         "missing_caption": 1,
         "missing_image": 0,
+        "oversized_image": 0,
     }
 
 
@@ -212,6 +209,200 @@ def test_only_regular_files_are_read(tmp_path):
     source = sources.open_source(tmp_path)
     record = source[0]
     assert record.key == "pipe.png" and record.image is None and record.caption == "a caption"
+
+
+@pytest.mark.parametrize(
+    "setup, error",
+    [
+        ("not_utf8", r"metadata\.jsonl:2: not UTF-8"),
+        ("deep_json", r"metadata\.jsonl:1: JSON nested too deeply"),
+        ("truncated_parquet", r"a\.parquet: not a readable parquet file"),
+        ("damaged_row_group", r"a\.parquet: row group 0 unreadable"),
+    ],
+)
+def test_damaged_files_are_refused_naming_them(tmp_path, setup, error):
+    """A damaged listing or shard is refused with one line that names the file (and line)."""
+    if setup in ("not_utf8", "deep_json"):
+        lines = {
+            "not_utf8": b'{"file_name": "a.png"}\n{"file_name": "\xff\xfe.png"}\n',
+            "deep_json": b"[" * 100_000 + b"]" * 100_000 + b"\n",
+        }
+        (tmp_path / "metadata.jsonl").write_bytes(lines[setup])
+    else:
+        table = pa.table({"image": [encode(noise_image(i, 8, 8)) for i in range(4)]})
+        pq.write_table(table.append_column("caption", pa.array(["c"] * 4)), tmp_path / "a.parquet")
+        data = bytearray((tmp_path / "a.parquet").read_bytes())
+        if setup == "truncated_parquet":
+            data = data[: len(data) // 2]
+        else:  # the first page header, right after the "PAR1" magic; the footer stays intact
+            data[4:68] = bytes(b ^ 0xA5 for b in data[4:68])
+        (tmp_path / "a.parquet").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=error) as e:
+        sources.open_source(tmp_path)[0]
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+# --- hostile and unusual images -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warnings_as_errors", [False, True])
+@pytest.mark.parametrize(
+    "width, height, palette",
+    [
+        (1, 10_000_000, False),  # the 39 KB strip: 512 x 5 * 10^9 after resizing
+        (1, 200_000, False),  # the 862-byte strip
+        (7_000, 7_000, False),  # 49 MP: over our limit, under PIL's
+        (12_000, 12_000, True),  # 144 MP: over PIL's warning limit (89 MP)
+        (20_000, 20_000, False),  # 400 MP: over PIL's error limit (179 MP)
+    ],
+)
+def test_oversized_images_are_skipped_unread(width, height, palette, warnings_as_errors):
+    """Hand-built PNGs whose pixels are missing: decoding them would fail as truncated, so the
+    reason "oversized_image" shows that the header alone decided, whatever PIL's own check and
+    the warning filters say."""
+    record = sources.RawRecord("big.png", png_declaring(width, height, palette=palette), "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if warnings_as_errors else "ignore")
+        assert sources.skip_reason(record) == "oversized_image"
+        with pytest.raises(sources.OversizedImage):
+            load_image(record.image, 512)
+
+
+@pytest.mark.parametrize(
+    "size, limits, reason",
+    [
+        ((10, 10), dict(max_pixels=100), None),
+        ((11, 10), dict(max_pixels=100), "oversized_image"),
+        ((10, 1), dict(max_aspect_ratio=10), None),
+        ((1, 11), dict(max_aspect_ratio=10), "oversized_image"),
+        ((11, 1), dict(max_aspect_ratio=10), "oversized_image"),
+        ((3, 2), dict(max_aspect_ratio=1), "oversized_image"),
+    ],
+)
+def test_image_limits_are_inclusive(size, limits, reason):
+    record = sources.RawRecord("a.png", encode(noise_image(0, *size)), "c")
+    assert sources.skip_reason(record, **limits) == reason
+
+
+@pytest.mark.parametrize(
+    "limits, error",
+    [
+        (dict(max_pixels=0), "max_pixels=0 must be finite"),
+        (dict(max_pixels=-5), "max_pixels=-5 must be finite"),
+        (dict(max_pixels=float("inf")), "max_pixels=inf must be finite"),
+        (dict(max_pixels=float("nan")), "max_pixels=nan must be finite"),
+        (dict(max_pixels=10**9), r"max_pixels=1000000000 must be .* \(0, 89478485\]"),
+        (dict(max_aspect_ratio=0.5), "max_aspect_ratio=0.5 must be finite and >= 1"),
+        (dict(max_aspect_ratio=float("nan")), "max_aspect_ratio=nan must be finite"),
+        (dict(max_aspect_ratio=float("inf")), "max_aspect_ratio=inf must be finite"),
+    ],
+)
+def test_image_limits_are_validated(folder, tmp_path, limits, error):
+    """Before anything is read or written (no pipeline is needed to get there)."""
+    with pytest.raises(ValueError, match=error):
+        prepare(folder, tmp_path / "a", pipeline=None, **limits)
+    with pytest.raises(ValueError, match=error):
+        builders.build_image_dataset(folder, tmp_path / "b", **limits)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_limits_default_to_the_library_limits():
+    from distill_jax.cli import build_parser
+
+    args = build_parser().parse_args(["prepare", "src", "out", "--pipeline", "ckpt"])
+    assert args.max_pixels == sources.MAX_PIXELS
+    assert args.max_aspect_ratio == sources.MAX_ASPECT_RATIO
+    args = build_parser().parse_args(
+        ["prepare", "s", "o", "--pipeline", "c", "--max-pixels", "5", "--max-aspect-ratio", "2.5"]
+    )
+    assert (args.max_pixels, args.max_aspect_ratio) == (5, 2.5)
+
+
+# 16-bit and float images as the closed forms of sources._to_rgb: v -> round(v / 257), and
+# f -> round(255 f) for f in [0, 1].
+GRADIENT_16 = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+GRADIENT_F = (np.arange(256, dtype=np.float32) / 255).reshape(16, 16)
+
+
+@pytest.mark.parametrize(
+    "fmt, array, want",
+    [
+        ("PNG", GRADIENT_16, np.round(GRADIENT_16 / 257)),  # mode I;16
+        ("TIFF", GRADIENT_16, np.round(GRADIENT_16 / 257)),  # mode I;16
+        ("TIFF", GRADIENT_16.astype(np.int32), np.round(GRADIENT_16 / 257)),  # mode I
+        ("TIFF", GRADIENT_F, np.arange(256).reshape(16, 16)),  # mode F
+    ],
+)
+def test_high_bit_depth_images_are_scaled_to_8_bits(fmt, array, want):
+    img = sources.decode_image(encode(Image.fromarray(array), fmt))
+    assert img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img), np.repeat(want[..., None], 3, axis=-1))
+
+
+@pytest.mark.parametrize(
+    "array, error",
+    [
+        (np.full((4, 4), 2.0, np.float32), r"float image with values outside \[0, 1\]: 2\.0"),
+        (np.full((4, 4), -0.5, np.float32), r"outside \[0, 1\]: -0\.5"),
+        (np.full((4, 4), np.nan, np.float32), r"outside \[0, 1\]: nan"),
+        (np.full((4, 4), 70_000, np.int32), r"mode I values outside \[0, 65535\]: 70000"),
+        (np.full((4, 4), -1, np.int32), r"mode I values outside \[0, 65535\]: -1"),
+    ],
+)
+def test_images_without_an_8_bit_meaning_are_undecodable(array, error, caplog):
+    record = sources.RawRecord("odd.tif", encode(Image.fromarray(array), "TIFF"), "c")
+    with pytest.raises(ValueError, match=error):
+        sources.decode_image(record.image)
+    with caplog.at_level(logging.WARNING):
+        assert sources.skip_reason(record) == "undecodable_image"
+    assert re.search(f"skipping odd.tif: undecodable_image .*{error}", caplog.text)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
+@pytest.mark.parametrize("orientation, turns", [(3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_is_applied(fmt, orientation, turns):
+    """The decoded pixels are the stored ones turned as EXIF says (3: 180 degrees, 6: 90 degrees
+    clockwise, 8: counter-clockwise); the stored ones come from the same image written without
+    the tag (JPEG encodes the same pixels the same way). PIL's TIFF reader turns the image
+    itself: TIFF checks that it is not turned twice."""
+    img = noise_image(0, 12, 20)
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    stored = np.asarray(sources.decode_image(encode(img, fmt, **kw)))
+    assert stored.shape == (12, 20, 3)
+    turned = sources.decode_image(encode(img, fmt, exif=exif_orientation(orientation), **kw))
+    np.testing.assert_array_equal(np.asarray(turned), np.rot90(stored, turns))
+
+
+def skip_everything(records: range):
+    return (builders.Skipped(f"r{i}", sources.SKIP_REASONS[i % 2]) for i in records)
+
+
+def test_a_dataset_of_skipped_records_is_refused(tmp_path):
+    """Two hosts, every record skipped: process 1 writes shard 1 and returns incomplete, process
+    0 writes shards 0 and 2, then refuses with the counts of all three shards (both hosts'); the
+    dataset is never marked complete, and running again refuses again."""
+    kw = dict(
+        name=builders.IMAGE_DATASET,
+        features=builders.image_features(),
+        num_records=5,
+        read_shard=skip_everything,
+        shard_size=2,
+        metadata={"source": "folder:/pics"},
+        process_count=2,
+    )
+    first = builders.write_dataset(tmp_path, process_index=1, **kw)  # shard 1 of 3
+    assert (first.complete, first.skipped) == (False, {"missing_image": 1, "undecodable_image": 1})
+    counts = {
+        "missing_image": 3,
+        "undecodable_image": 2,
+        "missing_caption": 0,
+        "oversized_image": 0,
+    }
+    error = rf"folder:/pics: all 5 records were skipped \({re.escape(str(counts))}\)"
+    for _ in range(2):
+        with pytest.raises(ValueError, match=error):
+            builders.write_dataset(tmp_path, process_index=0, **kw)
+        assert not (tmp_path / "dataset_info.json").exists()
 
 
 # --- the input pipeline -----------------------------------------------------------------------
@@ -430,7 +621,7 @@ def test_prepare_matches_direct_encoding(pipe, folder, prepared, tmp_path, dtype
     assert info.metadata["skipped"] == SKIPPED
     rows = read_all(out)
     assert sorted(text(r["key"]) for r in rows) == sorted(GOOD)
-    names = sorted(set(GOOD) | {"broken.png", "nocap.png", "blank.png", "gone.png"})
+    names = sorted(set(GOOD) | {"broken.png", "nocap.png", "blank.png", "gone.png", "wide.png"})
     for r in rows:
         key, index = text(r["key"]), int(r["index"])
         assert names[index] == key  # index = position in the source
@@ -531,3 +722,22 @@ def test_prepared_dataset_trains(pipe, prepared, tmp_path):
     run = train(c, tmp_path)
     assert [m["step"] for m in run.metrics] == [1, 2]
     assert all(np.isfinite(m["train/loss"]) and m["train/skipped_steps"] == 0 for m in run.metrics)
+
+
+def test_prepare_refuses_a_source_of_skipped_records(pipe, folder, tmp_path):
+    names = ["broken.png", "nocap.png", "blank.png", "gone.png", "wide.png"]
+    source = sources.open_source(folder)
+    only_bad = [source[i] for i in range(len(source)) if source[i].key in names]
+
+    class Bad:
+        description = "the bad ones"
+
+        def __len__(self):
+            return len(only_bad)
+
+        def __getitem__(self, i):
+            return only_bad[i]
+
+    with pytest.raises(ValueError, match=r"the bad ones: all 5 records were skipped"):
+        prepare(Bad(), tmp_path, pipeline=pipe, **PREP)
+    assert not (tmp_path / "dataset_info.json").exists()

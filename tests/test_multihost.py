@@ -189,8 +189,9 @@ def test_sigterm_to_every_process_leaves_one_checkpoint_and_resumes_exactly(
     straight, cache, tmp_path
 ):
     """SIGTERM reaches both processes (the launcher passes it on, as a scheduler does) while
-    they train a long run: they agree on one step, save it and exit 0. Resumed to 3 steps past
-    it, the parameters equal, bit for bit, those of an uninterrupted run to the same step."""
+    they train a long run: they agree on one step, save it and exit 143 (128 + SIGTERM: stopped,
+    not finished). Resumed to 3 steps past it, the parameters equal, bit for bit, those of an
+    uninterrupted run to the same step."""
     _, ref = straight
     logs = tmp_path / "logs"
     long = [
@@ -213,12 +214,14 @@ def test_sigterm_to_every_process_leaves_one_checkpoint_and_resumes_exactly(
         time.sleep(0.5)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
     saved = [int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 3000, saved
     stop = saved[0]
     for i in range(2):
-        assert f"all hosts stop after step {stop}" in (logs / f"process_{i}.log").read_text()
+        text = (logs / f"process_{i}.log").read_text()
+        assert f"all hosts stop after step {stop}" in text
+        assert f"stopped by SIGTERM after saving step {stop}" in text
 
     target = [f"--config.total_steps={stop + 3}", "--config.checkpoint_every=5000"]
     for name in ("cut", "straight"):

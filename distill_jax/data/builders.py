@@ -153,6 +153,9 @@ def write_dataset(
 
     Whoever finishes the last shard writes the dataset metadata; a host that finishes earlier
     returns ``complete=False``. Running again when every shard exists only writes the metadata.
+    When every shard exists but holds no example (every record skipped), every host that sees
+    it raises ``ValueError`` naming ``metadata["source"]`` and the skip counts of all hosts, and
+    the dataset is not marked complete.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
@@ -199,18 +202,23 @@ def write_dataset(
         from distill_jax import distributed
 
         distributed.sync(f"write-dataset-{name}-shards")
-    complete = (
+    # Every host decides from the same progress files (all hosts' counts), so all refuse alike.
+    stats = _shard_stats(out_dir, template, num_shards)
+    if stats is not None and not any(s["examples"] for s in stats):
+        raise ValueError(
+            f"{(metadata or {}).get('source', name)}: all {num_records} records were skipped "
+            f"({_skip_counts(stats)}); {out_dir} would hold no examples"
+        )
+    complete = stats is not None
+    if complete and (p == 0 or not joint):
         _finalize(
             out_dir,
+            stats,
             name=name,
             features=features,
-            num_shards=num_shards,
             metadata=metadata,
             description=description,
         )
-        if p == 0 or not joint
-        else all(_shard_done(out_dir, template, j, num_shards) for j in range(num_shards))
-    )
     if joint:
         distributed.sync(f"write-dataset-{name}-final")
     return WriteReport(
@@ -239,6 +247,24 @@ def _shard_done(out_dir: Path, template: tfds.core.ShardedFileTemplate, j: int, 
         Path(template.sharded_filepath(shard_index=j, num_shards=n)).is_file()
         and _progress_path(out_dir, j).is_file()
     )
+
+
+def _shard_stats(
+    out_dir: Path, template: tfds.core.ShardedFileTemplate, num_shards: int
+) -> list[dict[str, Any]] | None:
+    """The statistics of every shard (what :func:`_write_shard` returns), or ``None`` while one
+    is unfinished."""
+    if not all(_shard_done(out_dir, template, j, num_shards) for j in range(num_shards)):
+        return None
+    return [json.loads(_progress_path(out_dir, j).read_text()) for j in range(num_shards)]
+
+
+def _skip_counts(stats: list[dict[str, Any]]) -> dict[str, int]:
+    """Skipped records of all shards, by reason (every one of :data:`sources.SKIP_REASONS`)."""
+    total = collections.Counter()
+    for s in stats:
+        total.update(s["skipped"])
+    return {r: total.get(r, 0) for r in sources.SKIP_REASONS}
 
 
 def _write_shard(
@@ -285,25 +311,19 @@ def _write_shard(
 
 
 def _finalize(
-    out_dir: str | Path,
+    out_dir: Path,
+    stats: list[dict[str, Any]],
     *,
     name: str,
     features: tfds.features.FeaturesDict,
-    num_shards: int,
     metadata: Mapping[str, Any] | None = None,
     description: str = "",
-) -> bool:
-    """Writes ``dataset_info.json`` & co. if all ``num_shards`` shards exist; returns whether it
-    did. Idempotent: every host that gets here writes the same files."""
-    out_dir = Path(out_dir)
+) -> None:
+    """Writes ``dataset_info.json`` & co. from the ``stats`` of every shard. Idempotent: every
+    host that gets here writes the same files."""
     template = _template(out_dir, name)
-    if not all(_shard_done(out_dir, template, j, num_shards) for j in range(num_shards)):
-        return False
-    stats = [json.loads(_progress_path(out_dir, j).read_text()) for j in range(num_shards)]
-    skipped = collections.Counter()
     keys: list[str] = []
     for s in stats:
-        skipped.update(s["skipped"])
         keys += s["skipped_keys"][: MAX_SKIPPED_KEYS - len(keys)]
     info = tfds.core.DatasetInfo(
         builder=tfds.core.DatasetIdentity(
@@ -317,7 +337,7 @@ def _finalize(
         metadata=tfds.core.MetadataDict(
             **(metadata or {}),
             num_source_records=stats[-1]["records"][1],
-            skipped={r: skipped.get(r, 0) for r in sources.SKIP_REASONS},
+            skipped=_skip_counts(stats),
             skipped_keys_sample=keys,
         ),
     )
@@ -330,7 +350,6 @@ def _finalize(
     )
     info.set_splits(tfds.core.SplitDict([split]))
     info.write_to_directory(out_dir)
-    return True
 
 
 def load_info(path: str | Path) -> tfds.core.DatasetInfo:
@@ -397,23 +416,28 @@ def build_image_dataset(
     caption_column: str = "caption",
     shard_size: int = 1000,
     num_threads: int = 16,
+    max_pixels: float = sources.MAX_PIXELS,
+    max_aspect_ratio: float = sources.MAX_ASPECT_RATIO,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> WriteReport:
     """Image-caption source (folder, JSONL, side-car ``.txt``, parquet) -> TFDS dataset.
 
     Every image is decoded once here (``num_threads`` threads: PIL releases the GIL), so records
-    with missing or undecodable images or missing captions are skipped, counted by reason in
-    ``metadata.json`` and logged; they never stop the build. Resumable and multi-host as
-    :func:`write_dataset`.
+    with missing, undecodable or oversized (``max_pixels``, ``max_aspect_ratio``, checked from
+    the header) images or missing captions are skipped, counted by reason in ``metadata.json``
+    and logged; they never stop the build, unless every record is skipped. Resumable and
+    multi-host as :func:`write_dataset`.
     """
+    sources.check_image_limits(max_pixels, max_aspect_ratio)
+    limits = {"max_pixels": max_pixels, "max_aspect_ratio": max_aspect_ratio}
     if not isinstance(source, str | Path):
         src = source
     else:
         src = sources.open_source(source, image_column=image_column, caption_column=caption_column)
 
     def check(record: sources.RawRecord) -> Example | Skipped:
-        reason = sources.skip_reason(record)
+        reason = sources.skip_reason(record, **limits)
         if reason is not None:
             return Skipped(record.key, reason)
         return {"image": record.image, "caption": record.caption, "key": record.key}
@@ -431,8 +455,8 @@ def build_image_dataset(
         num_records=len(src),
         read_shard=read_shard,
         shard_size=shard_size,
-        metadata={"source": src.description},
-        plan={"source": src.description},
+        metadata={"source": src.description} | limits,
+        plan={"source": src.description} | limits,
         description="Encoded images with captions (distill_jax.data.builders).",
         process_index=process_index,
         process_count=process_count,

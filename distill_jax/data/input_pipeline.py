@@ -57,9 +57,17 @@ def to_model_range(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def load_image(data: bytes, resolution: int) -> np.ndarray:
-    """Encoded image bytes -> float32 ``[R, R, 3]`` in [-1, 1]; raises if undecodable."""
-    return to_model_range(resize_and_crop(sources.decode_image(data), resolution))
+def load_image(
+    data: bytes,
+    resolution: int,
+    *,
+    max_pixels: float = sources.MAX_PIXELS,
+    max_aspect_ratio: float = sources.MAX_ASPECT_RATIO,
+) -> np.ndarray:
+    """Encoded image bytes -> float32 ``[R, R, 3]`` in [-1, 1]; raises as
+    :func:`~distill_jax.data.sources.decode_image` (oversized or undecodable)."""
+    img = sources.decode_image(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    return to_model_range(resize_and_crop(img, resolution))
 
 
 def _text(value) -> str:

@@ -44,6 +44,7 @@ from flax import nnx
 from distill_jax.data import builders, input_pipeline, sources
 from distill_jax.data.builders import Skipped, WriteReport
 from distill_jax.models.autoencoder import Autoencoder
+from distill_jax.pipeline.generate import check_request
 from distill_jax.pipeline.latents import latent_size
 from distill_jax.pipeline.pipeline import Pipeline
 from distill_jax.pipeline.text import encode_prompts
@@ -78,18 +79,20 @@ class _Item(NamedTuple):
     image: np.ndarray  # float32 [R, R, 3] in [-1, 1]
 
 
-def _load(source: sources.RecordSource, resolution: int, index: int) -> _Item | Skipped:
-    """Record ``index``, decoded and resized, or why it is skipped."""
+def _load(
+    source: sources.RecordSource, resolution: int, limits: dict[str, float], index: int
+) -> _Item | Skipped:
+    """Record ``index``, decoded and resized, or why it is skipped. ``limits``: the
+    ``max_pixels`` and ``max_aspect_ratio`` of :func:`~distill_jax.data.sources.decode_image`."""
     record = source[index]
     if record.image is None:
         return Skipped(record.key, sources.MISSING_IMAGE)
     if record.caption is None:
         return Skipped(record.key, sources.MISSING_CAPTION)
     try:
-        image = input_pipeline.load_image(record.image, resolution)
+        image = input_pipeline.load_image(record.image, resolution, **limits)
     except sources.DECODE_ERRORS as e:
-        log.warning("skipping %s: undecodable image (%s)", record.key, e)
-        return Skipped(record.key, sources.UNDECODABLE_IMAGE)
+        return Skipped(record.key, sources.decode_failure(record.key, e))
     return _Item(index, record.key, record.caption, image)
 
 
@@ -113,8 +116,9 @@ class _ShardEncoder:
         seed: int,
         dtype: Any,
         num_threads: int,
+        limits: dict[str, float],
     ):
-        self.source, self.pipeline = source, pipeline
+        self.source, self.pipeline, self.limits = source, pipeline, limits
         self.resolution, self.max_sequence_length = resolution, max_sequence_length
         self.batch_size, self.sample_posterior, self.dtype = batch_size, sample_posterior, dtype
         self.key = jax.random.key(seed)
@@ -123,7 +127,7 @@ class _ShardEncoder:
 
     def __call__(self, records: range) -> Iterator[dict | Skipped]:
         ds = grain.MapDataset.range(records.start, records.stop)
-        ds = ds.map(functools.partial(_load, self.source, self.resolution))
+        ds = ds.map(functools.partial(_load, self.source, self.resolution, self.limits))
         items = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.batch_size)
         )
@@ -218,6 +222,8 @@ def prepare(
     image_column: str = "image",
     caption_column: str = "caption",
     num_threads: int = 16,
+    max_pixels: float = sources.MAX_PIXELS,
+    max_aspect_ratio: float = sources.MAX_ASPECT_RATIO,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> WriteReport:
@@ -240,12 +246,23 @@ def prepare(
       image_column, caption_column: parquet columns (``caption_column`` also names the caption
         field of ``metadata.jsonl``); ``caption_column="llava"`` for midjourney-v6-llava.
       num_threads: threads reading and decoding images.
+      max_pixels, max_aspect_ratio: larger or more elongated images are skipped unread (see
+        :data:`~distill_jax.data.sources.MAX_PIXELS` for the defaults' reasons).
       process_index, process_count: this host's part; default from JAX.
 
     Returns the :class:`~distill_jax.data.builders.WriteReport` (records written and skipped by
-    reason, whether the dataset is complete). Skipped records (missing or undecodable images,
-    missing captions) are counted in the dataset's ``metadata.json``.
+    reason, whether the dataset is complete). Skipped records (missing, undecodable or oversized
+    images, missing captions) are counted in the dataset's ``metadata.json``; a source whose
+    every record is skipped raises ``ValueError`` with the counts.
     """
+    sources.check_image_limits(max_pixels, max_aspect_ratio)
+    check_request(
+        [],
+        height=resolution,
+        width=resolution,
+        seed=seed,
+        max_sequence_length=max_sequence_length,
+    )
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
     if batch_size < 1:
@@ -263,6 +280,8 @@ def prepare(
         "sample_posterior": sample_posterior,
         "seed": seed,
         "dtype": dtype,
+        "max_pixels": max_pixels,
+        "max_aspect_ratio": max_aspect_ratio,
         "scaling_factor": vae.scaling_factor,
         "shift_factor": vae.shift_factor,
     }
@@ -282,6 +301,7 @@ def prepare(
         seed=seed,
         dtype=jnp.dtype(dtype),
         num_threads=num_threads,
+        limits={"max_pixels": max_pixels, "max_aspect_ratio": max_aspect_ratio},
     )
     write_uncond(pipeline, out_dir, max_sequence_length=max_sequence_length, dtype=dtype)
     return builders.write_dataset(

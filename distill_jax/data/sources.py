@@ -14,7 +14,10 @@ Three kinds, picked by :func:`open_source` from what the path holds:
 
 A record keeps the image as the file's encoded bytes; decoding happens later
 (:func:`decode_image`), so a corrupt file costs one skipped record, not the run. Record ``i`` is
-the same on every host and every run, which is what sharding and resuming rely on.
+the same on every host and every run, which is what sharding and resuming rely on. Decoding
+reads the image's header first and skips, without decoding, an image larger than
+:data:`MAX_PIXELS` or more elongated than :data:`MAX_ASPECT_RATIO` (a few hundred bytes can
+declare gigapixels). It applies the EXIF orientation and maps 16-bit and float images to 8 bits.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ import bisect
 import dataclasses
 import io
 import json
+import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_FILE = "metadata.jsonl"  # the Hugging Face imagefolder name
@@ -41,9 +49,34 @@ FILE_NAME_KEY = "file_name"
 MISSING_IMAGE = "missing_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 MISSING_CAPTION = "missing_caption"
-SKIP_REASONS = (MISSING_IMAGE, UNDECODABLE_IMAGE, MISSING_CAPTION)
+OVERSIZED_IMAGE = "oversized_image"
+SKIP_REASONS = (MISSING_IMAGE, UNDECODABLE_IMAGE, MISSING_CAPTION, OVERSIZED_IMAGE)
 # What PIL raises for bytes it cannot decode (truncated, not an image, absurdly large).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# Images are cropped to a centre square of side --resolution, so pixels beyond a few times R^2
+# are thrown away. 40 megapixels (160 MB decoded, as PIL holds RGB in 4 bytes a pixel: 2.6 GB
+# for 16 decoding threads) admits the camera and generated images of text-to-image sets, and
+# stays under PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 MP). An aspect
+# ratio above 10 keeps under 10% of the image in the crop, and resizing the short side to R
+# makes it R^2 * ratio pixels: a 1 x 10^7 strip would become 512 x 5 * 10^9.
+MAX_PIXELS = 40_000_000
+MAX_ASPECT_RATIO = 10.0
+
+
+class OversizedImage(ValueError):
+    """An image whose header declares more pixels, or a longer side, than the limits allow."""
+
+
+def check_image_limits(max_pixels: float, max_aspect_ratio: float) -> None:
+    """Raises ``ValueError`` unless ``0 < max_pixels <= PIL's limit`` and ``max_aspect_ratio >= 1``
+    are finite. PIL refuses (or warns about) images over ``Image.MAX_IMAGE_PIXELS`` before this
+    package sees their size, so a larger ``max_pixels`` could not be honoured."""
+    pil_limit = Image.MAX_IMAGE_PIXELS or math.inf
+    if not (math.isfinite(max_pixels) and 0 < max_pixels <= pil_limit):
+        raise ValueError(f"max_pixels={max_pixels} must be finite and in (0, {pil_limit}]")
+    if not (math.isfinite(max_aspect_ratio) and max_aspect_ratio >= 1):
+        raise ValueError(f"max_aspect_ratio={max_aspect_ratio} must be finite and >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +106,69 @@ def _caption(value: object) -> str | None:
     return value or None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> a fully decoded RGB PIL image (alpha dropped, palettes expanded).
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (alpha dropped, palettes expanded).
 
-    Raises one of :data:`DECODE_ERRORS` for truncated or undecodable bytes, including truncated
-    PNGs: PIL's ``LOAD_TRUNCATED_IMAGES`` stays off.
+    PIL's own ``convert`` clips 16-bit and float values to 8 bits, turning them white or black.
+    Here 16-bit values (modes ``I;16*``, and ``I`` when every value is in [0, 65535]) become
+    ``round(v / 257)``; float values (mode ``F``) in [0, 1] become ``round(255 v)``. Other
+    integer or float ranges have no agreed meaning and raise ``ValueError``.
     """
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")  # convert() forces the full decode
+    if img.mode == "RGB":
+        return img  # convert() would copy it
+    if not (img.mode in ("I", "F") or img.mode.startswith("I;16")):
+        return img.convert("RGB")
+    a = np.asarray(img)
+    if img.mode == "F":
+        if not np.all((a >= 0) & (a <= 1)):  # NaN fails too
+            raise ValueError(f"float image with values outside [0, 1]: {a.min()}..{a.max()}")
+        a = np.rint(a * np.float32(255))
+    else:
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"mode {img.mode} values outside [0, 65535]: {a.min()}..{a.max()}")
+        a = (a.astype(np.int64) + 128) // 257  # round(v / 257): 257 is odd, so no ties
+    return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
 
 
-def skip_reason(record: RawRecord) -> str | None:
+def decode_image(
+    data: bytes, *, max_pixels: float = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> Image.Image:
+    """Encoded bytes -> a fully decoded RGB PIL image, turned by its EXIF orientation.
+
+    Raises :class:`OversizedImage` (before any decoding) for an image over ``max_pixels`` or with
+    a longer side over ``max_aspect_ratio`` times its shorter one, also when PIL's own
+    decompression-bomb check fires first, and otherwise one of :data:`DECODE_ERRORS` for
+    truncated or undecodable bytes, including truncated PNGs: PIL's ``LOAD_TRUNCATED_IMAGES``
+    stays off. Modes are mapped to 8 bits as :func:`_to_rgb` says.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        w, h = img.size
+        if w * h > max_pixels or max(w, h) > max_aspect_ratio * min(w, h):
+            raise OversizedImage(
+                f"{w}x{h} image: limits are {max_pixels} pixels, aspect ratio {max_aspect_ratio}"
+            )
+        ImageOps.exif_transpose(img, in_place=True)  # decodes
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise OversizedImage(str(e)) from e  # the warning is raised when filtered as an error
+    except TypeError as e:  # PIL's TIFF reader given a tag of the wrong type (a float offset)
+        raise ValueError(f"malformed image ({e})") from e
+    return _to_rgb(img)
+
+
+def decode_failure(key: str, error: Exception) -> str:
+    """The skip reason of a record whose :func:`decode_image` raised ``error``; logs it."""
+    reason = OVERSIZED_IMAGE if isinstance(error, OversizedImage) else UNDECODABLE_IMAGE
+    log.warning("skipping %s: %s (%s)", key, reason, error)
+    return reason
+
+
+def skip_reason(
+    record: RawRecord,
+    *,
+    max_pixels: float = MAX_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+) -> str | None:
     """Why ``record`` cannot be used (one of :data:`SKIP_REASONS`), or ``None`` when it can.
 
     Decodes the image fully: a header that parses is not enough to catch a truncated file.
@@ -93,9 +178,9 @@ def skip_reason(record: RawRecord) -> str | None:
     if record.caption is None:
         return MISSING_CAPTION
     try:
-        decode_image(record.image)
-    except DECODE_ERRORS:
-        return UNDECODABLE_IMAGE
+        decode_image(record.image, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    except DECODE_ERRORS as e:
+        return decode_failure(record.key, e)
     return None
 
 
@@ -126,14 +211,20 @@ class FolderSource:
         if not path.is_file():
             return {}
         out = {}
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from e
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                except RecursionError as e:  # deep nesting: json recurses per level
+                    raise ValueError(f"{path}:{n}: JSON nested too deeply") from e
                 if not isinstance(row, dict) or not isinstance(row.get(FILE_NAME_KEY), str):
                     raise ValueError(f"{path}:{n}: expected an object with a {FILE_NAME_KEY!r}")
                 name = Path(row[FILE_NAME_KEY])
@@ -153,16 +244,19 @@ class FolderSource:
         path = self.root / name
         caption = self._jsonl.get(name)
         if caption is None:
-            sidecar = path.with_suffix(".txt")
-            if sidecar.is_file():
-                caption = _caption(sidecar.read_text(encoding="utf-8", errors="replace"))
-        image = None
-        if path.is_file():  # a regular file: never a device or a FIFO, which could block
-            try:
-                image = path.read_bytes()
-            except OSError:
-                pass
-        return RawRecord(key=name, image=image, caption=caption)
+            text = _read_regular(path.with_suffix(".txt"))
+            caption = None if text is None else _caption(text.decode("utf-8", errors="replace"))
+        return RawRecord(key=name, image=_read_regular(path), caption=caption)
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file (never a device or a FIFO, which could
+    block), else ``None``, as for a name the file system refuses (too long, say) or a failed
+    read."""
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
 
 
 class ParquetSource:
@@ -188,7 +282,7 @@ class ParquetSource:
         self._file_starts: list[int] = []
         total = 0
         for f, path in enumerate(self.paths):
-            meta = pq.ParquetFile(path)
+            meta = _parquet_file(path)
             names = meta.schema_arrow.names
             for column in self.columns:
                 if column not in names:
@@ -210,9 +304,14 @@ class ParquetSource:
         with self._lock:
             if g not in self._cache:
                 f, group = self._groups[g]
-                table = pq.ParquetFile(self.paths[f]).read_row_group(
-                    group, columns=list(self.columns)
-                )
+                try:
+                    table = _parquet_file(self.paths[f]).read_row_group(
+                        group, columns=list(self.columns)
+                    )
+                except (pa.ArrowException, OSError) as e:
+                    raise ValueError(
+                        f"{self.paths[f]}: row group {group} unreadable ({_first_line(e)})"
+                    ) from e
                 if len(self._cache) >= 4:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[g] = tuple(table.column(c).to_pylist() for c in self.columns)
@@ -230,6 +329,18 @@ class ParquetSource:
         key = f"{self.paths[f].name}:{index - self._file_starts[f]}"
         image = bytes(image) if isinstance(image, bytes | bytearray) and image else None
         return RawRecord(key=key, image=image, caption=_caption(captions[index - self._starts[g]]))
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    """The open file; a damaged one (truncated, not parquet) raises ``ValueError`` naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({_first_line(e)})") from e
 
 
 def _parquet_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -303,10 +414,14 @@ def open_source(
 __all__ = [
     "DatasetSource",
     "FolderSource",
+    "MAX_ASPECT_RATIO",
+    "MAX_PIXELS",
+    "OversizedImage",
     "ParquetSource",
     "RawRecord",
     "RecordSource",
     "SKIP_REASONS",
+    "check_image_limits",
     "decode_image",
     "open_source",
     "skip_reason",

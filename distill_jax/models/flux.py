@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,16 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 DELTA_INITS = ("copy", "zero")
+
+
+def check_time_scale(value: Any) -> float:
+    """``value`` as a float when it is a finite, positive number (not a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(
+            f"time_scale={value!r}: expected a finite number > 0 (1000 for stock FLUX, 1 for "
+            "rescaled teachers and students)"
+        )
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +86,7 @@ class FluxConfig:
             raise ValueError(f"FluxConfig: every RoPE axis dim must be even, got {self.axes_dim}")
         if self.delta_init not in DELTA_INITS:
             raise ValueError(f"FluxConfig: delta_init={self.delta_init!r}, expected {DELTA_INITS}")
+        check_time_scale(self.time_scale)
         if self.time_embed_dim % 2:
             raise ValueError(f"FluxConfig: time_embed_dim={self.time_embed_dim} must be even")
 

@@ -51,6 +51,48 @@ from distill_jax.pipeline.text import encode_prompts
 log = logging.getLogger(__name__)
 
 METHODS = ("teacher", "scm", "meanflow")
+# Bounds that refuse, before anything is loaded or compiled, requests that could only fail later
+# (XLA aborting the process, or hours of work for an out-of-memory error):
+MAX_SIDE = 4096  # pixels: 65536 image tokens, 4x FLUX.1's largest trained size (2 MP)
+MAX_STEPS = 1000  # model evaluations; the teacher samples with 28-50
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens: what FLUX.1 was trained with, diffusers' own limit
+SEED_LIMIT = 2**32  # seeds are JAX's 32-bit PRNG seeds; larger ones would alias smaller ones
+
+
+def check_request(
+    prompts: Sequence[str],
+    *,
+    height: int = 512,
+    width: int = 512,
+    steps: int = 1,
+    guidance: float | None = None,
+    seed: int = 0,
+    max_sequence_length: int = 1,
+) -> None:
+    """Refuses, naming the argument, a sampling request that cannot give a correct image (the
+    model-dependent checks follow in :func:`generate`); an argument left out is not checked."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes of a command line arrive as surrogates
+            raise ValueError(f"prompt {i} ({prompt!r}) is not valid UTF-8 text") from None
+    limits = dict(
+        height=(height, 16, MAX_SIDE),
+        width=(width, 16, MAX_SIDE),
+        steps=(steps, 1, MAX_STEPS),
+        seed=(seed, 0, SEED_LIMIT - 1),
+        max_sequence_length=(max_sequence_length, 1, MAX_SEQUENCE_LENGTH),
+    )
+    for name, (value, low, high) in limits.items():
+        if not isinstance(value, int | np.integer) or isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be an integer")
+        if not low <= value <= high:
+            raise ValueError(f"{name}={value} must be in [{low}, {high}]")
+    lat.latent_size(height, width)  # multiples of 16
+    if guidance is not None and not np.isfinite(guidance):
+        raise ValueError(f"guidance={guidance} must be a finite number (or None)")
 
 
 def default_schedule(method: str, steps: int, image_seq_len: int) -> np.ndarray:
@@ -228,7 +270,13 @@ def initial_noise(
             f"init_noise has shape {tuple(init_noise.shape)}; {n} prompt(s) at {height}x{width} "
             f"px need [N, C, h, w] = {list(shape)}"
         )
-    return np.asarray(init_noise, np.float32)
+    if not jnp.issubdtype(init_noise.dtype, jnp.floating):  # ints, bools, complex: not noise
+        raise ValueError(f"init_noise is {init_noise.dtype}; expected standard normal floats")
+    noise = np.asarray(init_noise, np.float32)
+    if not np.isfinite(noise).all():
+        bad = int(np.size(noise) - np.isfinite(noise).sum())
+        raise ValueError(f"init_noise has {bad} non-finite value(s) of {noise.size}")
+    return noise
 
 
 def generate(
@@ -265,6 +313,15 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("generate: no prompts given")
+    check_request(
+        prompts,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        max_sequence_length=max_sequence_length,
+    )
     pipeline.check()
     _check_model(pipeline, method, guidance)
     n, c = len(prompts), pipeline.latent_channels
@@ -346,6 +403,9 @@ def generate_to_folder(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("generate: no prompts given")
+    checked = ("steps", "guidance", "max_sequence_length")
+    request = {k: kw[k] for k in checked if k in kw}
+    check_request(prompts, height=height, width=width, seed=seed, **request)
     n = len(prompts)
     init_noise = initial_noise(pipeline, n, height, width, seed, init_noise)  # all n prompts
     mine = distributed.my_share(n)
@@ -386,6 +446,7 @@ def generate_to_folder(
 
 __all__ = [
     "METHODS",
+    "check_request",
     "decode",
     "default_schedule",
     "denoise",

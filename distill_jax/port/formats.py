@@ -16,7 +16,7 @@ from typing import Any
 
 from distill_jax.models.autoencoder import Autoencoder, AutoencoderConfig
 from distill_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
-from distill_jax.models.flux import Flux, FluxConfig
+from distill_jax.models.flux import DELTA_INITS, Flux, FluxConfig, check_time_scale
 from distill_jax.models.t5 import T5Config, T5Encoder
 from distill_jax.port import clip as clip_port
 from distill_jax.port import t5 as t5_port
@@ -85,6 +85,8 @@ def _read_json(path: Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
     if not isinstance(out, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
     return out
@@ -193,7 +195,17 @@ def flux_config(
     that does not match the weights is an error naming every field."""
     naming = _naming(tensors, where)
     col = 1 if naming == "diffusers" else 2
-    seen = {f: tensors.shape_of(v[col])[v[3]] for f, v in _REVEALS.items() if v[col] in tensors}
+    seen, bad = {}, {}
+    for field, reveal in _REVEALS.items():
+        if (key := reveal[col]) in tensors:
+            shape, rank = tuple(tensors.shape_of(key)), 1 if field == "head_dim" else 2
+            if len(shape) == rank and 0 not in shape:
+                seen[field] = shape[reveal[3]]
+            else:
+                at = f"{key!r} [{tensors.file_of(key)}]"
+                bad[key] = f"{at} has shape {shape}, expected {rank} non-zero dimension(s)"
+    if bad:
+        raise ValueError(f"{where}: " + "; ".join(bad.values()))
     for field, prefix in zip(("num_double", "num_single"), _BLOCKS[naming], strict=True):
         found = (re.match(rf"{prefix}\.(\d+)\.", k) for k in tensors)
         seen[field] = 1 + max((int(m.group(1)) for m in found if m), default=-1)
@@ -242,11 +254,15 @@ class _Source:
     files: list[Path]  # hashed into the converted config.json
 
 
-def _time_scale(arg: float | None, fmt: str, cfg_json: Mapping) -> float:
+def _time_scale(arg: float | None, fmt: str, cfg_json: Mapping, where: Path | None) -> float:
     if arg is not None:
-        return float(arg)
+        return check_time_scale(arg)
     if "_distill_jax" in cfg_json:  # written by our export
-        return float(cfg_json["_distill_jax"]["time_scale"])
+        extra = cfg_json["_distill_jax"]
+        try:
+            return check_time_scale(extra.get("time_scale") if isinstance(extra, dict) else None)
+        except ValueError as err:
+            raise ValueError(f"{where}: _distill_jax: {err}") from None
     return 1.0 if fmt == "t2i-distill" else 1000.0  # the paper's students are x1 models
 
 
@@ -270,12 +286,16 @@ def _folder_source(folder: Path, component: str | None, time_scale: float | None
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{folder / 'config.json'}: {err}") from None
     if name == "transformer":
+        scale = _time_scale(time_scale, "diffusers", cfg_json, folder / "config.json")
         extra = cfg_json.get("_distill_jax", {})
+        delta_init = extra.get("delta_init", cfg.delta_init) if isinstance(extra, dict) else None
+        if delta_init not in DELTA_INITS:
+            raise ValueError(f"{folder / 'config.json'}: _distill_jax: delta_init={delta_init!r}")
         cfg = flux_config(
             tensors,
             where=folder,
-            time_scale=_time_scale(time_scale, "diffusers", cfg_json),
-            given=cfg.replace(delta_init=extra.get("delta_init", cfg.delta_init)),
+            time_scale=scale,
+            given=cfg.replace(delta_init=delta_init),
             given_from=folder / "config.json",
         )
     files = [folder / "config.json", *tensors.files]
@@ -317,7 +337,7 @@ def _open_sources(
     cfg = flux_config(
         tensors,
         where=src,
-        time_scale=_time_scale(time_scale, fmt, cfg_json),
+        time_scale=_time_scale(time_scale, fmt, cfg_json, config),
         given=FluxConfig.from_diffusers(cfg_json) if config else None,
         given_from=config or "",
     )

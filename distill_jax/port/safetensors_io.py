@@ -69,12 +69,12 @@ def _problems_in_entry(key: str, entry: object) -> tuple[list[str], TensorInfo |
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if code not in DTYPES:
         return [f"{key!r}: unknown dtype {code!r} (known: {sorted(DTYPES)})"], None
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         return [f"{key!r}: shape {shape!r} is not a list of non-negative integers"], None
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
+        and all(type(o) is int for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
         return [f"{key!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end"], None
@@ -111,10 +111,15 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SafetensorsError(f"{path}: header is not valid JSON ({err})") from None
+    except RecursionError:
+        raise SafetensorsError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
     problems, infos = [], {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        problems.append(f"__metadata__ {str(metadata)[:80]} is not an object of strings")
+        metadata = {}
     for key, entry in header.items():
         found, info = _problems_in_entry(key, entry)
         problems += found
@@ -210,7 +215,13 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
         try:
             index = json.loads(self.index_path.read_text())
             weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            RecursionError,
+            KeyError,
+            TypeError,
+        ) as err:
             raise SafetensorsError(
                 f"{self.index_path}: not a safetensors index with a weight_map ({err!r})"
             ) from None

@@ -4,7 +4,9 @@ The paper's training scripts save the student's state dict this way (spec t2i-di
 3.3), with the students' extra heads ``timestep_embedder2.*`` (MeanFlow) and ``logvar_linear.*``
 (sCM) beside the stock FLUX keys. Files are read with ``torch.load(weights_only=True)``, which
 refuses any pickle holding more than tensors and plain containers, and memory-mapped where the
-file allows it, so tensors are paged in one at a time as the conversion reads them.
+file allows it, so tensors are paged in one at a time as the conversion reads them. The zip's
+CRC-32s, which ``torch.load`` ignores, are checked first, so a corrupt file is refused rather
+than read as other weights.
 
 torch is needed only here; without it the error says how to install it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+_CRC_CHUNK = 16 << 20
 INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 
 
@@ -125,14 +129,34 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _check_crcs(path: Path) -> None:
+    """Reads every record of a zip-format ``.pt`` through ``zipfile``, which checks each CRC-32
+    and local header; ``torch.load`` checks neither, so a flipped byte would load other weights
+    silently."""
+    try:
+        if not zipfile.is_zipfile(path):  # the pre-1.6 format has no checksums
+            return
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as record:
+                    while record.read(_CRC_CHUNK):
+                        pass
+    except Exception as err:  # BadZipFile, EOFError, NotImplementedError, zlib.error, ...
+        raise ValueError(
+            f"{path}: corrupt PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from None
+
+
 def load_pt(path: str | Path) -> TorchStateDict:
     """The state dict of a T2I-Distill ``.pt`` (``{"module": state_dict}``, or a bare state dict).
 
-    Raises ``ValueError`` for a pickle holding anything but tensors and plain containers (it is
-    never executed), for another structure, or for non-tensor entries, naming the file.
+    Raises ``ValueError`` naming the file for a pickle holding anything but tensors and plain
+    containers (it is never executed), for a truncated or corrupt file (the zip format's CRC-32s
+    are checked), for another structure, or for non-tensor entries.
     """
     path = Path(path)
     torch = _torch()
+    _check_crcs(path)
     try:
         obj = _load(path)
     except pickle.UnpicklingError as err:
@@ -142,6 +166,12 @@ def load_pt(path: str | Path) -> TorchStateDict:
             f"({why.group(1).strip() if why else 'unsupported pickle'}). Only "
             "torch.load(weights_only=True) files are read, because loading any other pickle can "
             "run arbitrary code; re-save it as torch.save({'module': model.state_dict()}, path)."
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ... on corrupt files
+        why = str(err).strip().split("\n")[0][:200]
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+            f"({type(err).__name__}: {why})"
         ) from None
     if isinstance(obj, Mapping) and "module" in obj:
         obj = obj["module"]
