@@ -2,7 +2,7 @@
 
 Mid-size MMDiT (the config of benchmarks/flux_forward.py): width 512 (8 heads x 64), 2 double +
 4 single blocks, 1024 image + 128 text tokens (a 64 x 64 x 16 latent), batch 2. Each step is
-``jax.jit(jax.value_and_grad(loss_fn))`` of the trainer's own ``distill_jax.train.make_loss_fn``
+``jax.jit(jax.value_and_grad(loss_fn))`` of the trainer's own ``distill_jax.methods.make_loss_fn``
 (TrigFlow wrapper and logvar head for sCM; label dropout, CFG-MeanFlow and the Δ embedder for
 MeanFlow), default (fixed) switches, XLA attention in the forward and gradient passes and the
 trainer's tangent-pass attention (``--jvp-attn-impl``, default blockwise). Prints the median
@@ -35,21 +35,11 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.config import base_config  # noqa: E402
+from distill_jax.methods import make_loss_fn, model_configs  # noqa: E402
 from distill_jax.models.flux import Flux, FluxConfig  # noqa: E402
 from distill_jax.port.flux import abstract_flux  # noqa: E402
-from distill_jax.train import make_loss_fn, model_configs  # noqa: E402
 
-MID = dict(
-    num_double=2,
-    num_single=4,
-    num_heads=8,
-    head_dim=64,
-    in_channels=64,
-    context_dim=512,
-    pooled_dim=256,
-    axes_dim=(8, 28, 28),
-    time_scale=1.0,  # the rescaled teacher of sCM and MeanFlow (spec 2)
-)
+MID = FluxConfig.mid().replace(time_scale=1.0)  # the rescaled teacher of sCM/MeanFlow (spec 2)
 BATCH, LATENT, CHANNELS, TEXT = 2, (64, 64), 16, 128  # 64 x 64 latent -> 1024 packed tokens
 TOKENS = BATCH * (LATENT[0] * LATENT[1] // 4 + TEXT)  # image + text tokens per step
 DESCRIPTION = "width 512 (8x64), 2+4 blocks, 1024+128 tokens, batch 2, float32, CPU"
@@ -63,7 +53,8 @@ def mid_config(
     overrides the tangent pass's attention (default: the trainer's, ``"blockwise"``)."""
     c = base_config()
     c.method = method
-    c.model.overrides = ml_collections.ConfigDict(MID)
+    c.model.preset = "mid"
+    c.model.overrides = ml_collections.ConfigDict({"time_scale": MID.time_scale})
     c.model.dtype = "float32"
     c.model.remat = remat
     if jvp_attn_impl is not None:
@@ -92,7 +83,7 @@ class Models:
 
 def models(config: ml_collections.ConfigDict, seed: int = 0) -> Models:
     m = config.model
-    teacher_cfg, student_cfg = model_configs(config, FluxConfig(**MID))
+    teacher_cfg, student_cfg = model_configs(config, MID)
     teacher = Flux(teacher_cfg, rngs=nnx.Rngs(seed))
     student = Flux(student_cfg, rngs=nnx.Rngs(seed + 1))
     teacher_params = nnx.state(teacher, nnx.Param)
@@ -118,12 +109,12 @@ def batch_and_aux(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.nd
     normal = lambda *shape: rng.standard_normal(shape, np.float32)  # noqa: E731
     batch = {
         "latents": normal(BATCH, CHANNELS, *LATENT),
-        "t5": normal(BATCH, TEXT, MID["context_dim"]),
-        "pooled": normal(BATCH, MID["pooled_dim"]),
+        "t5": normal(BATCH, TEXT, MID.context_dim),
+        "pooled": normal(BATCH, MID.pooled_dim),
     }
     return batch, {
-        "uncond_t5": normal(TEXT, MID["context_dim"]),
-        "uncond_pooled": normal(MID["pooled_dim"]),
+        "uncond_t5": normal(TEXT, MID.context_dim),
+        "uncond_pooled": normal(MID.pooled_dim),
     }
 
 

@@ -33,16 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.models.flux import REMAT_POLICIES, Flux, FluxConfig  # noqa: E402
 
-CFG = FluxConfig(
-    num_double=2,
-    num_single=4,
-    num_heads=8,
-    head_dim=64,
-    in_channels=64,
-    context_dim=512,
-    pooled_dim=256,
-    axes_dim=(8, 28, 28),
-)
+CFG = FluxConfig.mid()
 BATCH, GRID, TEXT = 2, (32, 32), 128
 MB = 1e6
 

@@ -39,21 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.models.autoencoder import AutoencoderConfig  # noqa: E402
 from distill_jax.models.flux import FluxConfig  # noqa: E402
 from distill_jax.pipeline import latents as lat  # noqa: E402
-from distill_jax.pipeline.generate import decode, denoise  # noqa: E402
+from distill_jax.pipeline.generate import denoise  # noqa: E402
 from distill_jax.pipeline.pipeline import Pipeline  # noqa: E402
 from distill_jax.port.autoencoder import autoencoder_from_diffusers  # noqa: E402
 from distill_jax.port.flux import flux_from_diffusers  # noqa: E402
 
-FLUX = FluxConfig(
-    num_double=2,
-    num_single=4,
-    num_heads=4,
-    head_dim=64,
-    in_channels=64,
-    context_dim=256,
-    pooled_dim=128,
-    axes_dim=(8, 28, 28),
-)
+FLUX = FluxConfig.mid().replace(num_heads=4, context_dim=256, pooled_dim=128)  # width 256
 VAE = dict(
     block_out_channels=(32, 64, 128, 128),
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -140,7 +131,7 @@ def main() -> None:
         )  # fmt: skip
 
     def ours_images():
-        return decode(ours, ours_latents(), size, size)
+        return ours.decode(ours_latents(), size, size)
 
     def theirs(output_type):
         with torch.inference_mode():

@@ -48,12 +48,10 @@ from losses import (  # noqa: E402
 )
 from train_step import compiled_step  # noqa: E402
 
-from distill_jax.models.flux import FluxConfig  # noqa: E402
-
 
 def torch_step(method: str) -> Callable[[], None]:
     """``run()``: one eager PyTorch distillation step (loss, backward, clip 1.0, AdamW)."""
-    cfg = FluxConfig(**MID)
+    cfg = MID
     diffusers_cfg = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
     h, w = LATENT[0] // 2, LATENT[1] // 2
     ids = torch.zeros(h, w, 3)

@@ -4,19 +4,22 @@ The demo (``distill_jax.demo.run_demo``) trains both with these settings and mea
 
     distill-jax demo --workdir /tmp/demo            # or: make demo
 
-Each run is ``train(get_config(method), workdir, data=toy.shapes_input(teacher, ...),
-teacher=teacher.transformer)`` with the shipped teacher (``distill_jax.toy.load_toy()``), whose
-transformer can also be given as
-``--config.teacher.path=distill_jax/assets/toy_teacher/transformer``.
-Sized for 2 CPU cores (a few minutes each). Expected: sCM's 1-2-step samples and MeanFlow's
-4-step samples close to the teacher's 16-step accuracy (the demo's report says how close).
+One student on its own, written as the toy pipeline folder ``WORKDIR/student``:
+
+    distill-jax train --config configs/toy_distill.py:scm --workdir /tmp/toy_scm \
+        --config.teacher.path=distill_jax/assets/toy_teacher
+
+The teacher must be a toy pipeline folder (the shipped one, or ``WORKDIR/student`` of
+``configs/toy_teacher.py``): its text encoder captions the shapes input. Sized for 2 CPU cores
+(a few minutes each). Expected: sCM's 1-2-step samples and MeanFlow's 4-step samples close to
+the teacher's 16-step accuracy (the demo's report says how close).
 
 Arguments: ``scm`` or ``meanflow``, optionally ``,runlocal`` (a few steps: ``scm,runlocal``).
 """
 
 import ml_collections
 
-from distill_jax.toy import toy_config
+from distill_jax.config import toy_config
 
 
 def get_config(arg: str | None = "scm") -> ml_collections.ConfigDict:

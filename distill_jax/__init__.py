@@ -10,8 +10,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "load_flux": "distill_jax.convert",
-    "load_pipeline": "distill_jax.convert",
+    "load_flux": "distill_jax.folders",
+    "load_pipeline": "distill_jax.folders",
 }
 __all__ = list(_LAZY)
 

@@ -189,6 +189,7 @@ RUN_ONLY = (
     "multihost",
     "peak_tflops_per_device",
     "seed",
+    "teacher.init_checkpoint",  # read when a run starts, never on resume
     "data.",
     "loss.",
     "mesh.",

@@ -21,12 +21,10 @@ are imported inside the verbs, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import re
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("distill_jax.cli")
 
@@ -287,7 +285,9 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
         "00000.png, 00001.png, ... (prompt in the PNG text) and grid.png to --out. On several "
         "hosts each generates and writes its share of the prompts.",
     )
-    p.add_argument("ckpt", metavar="CKPT", help="a converted distill-jax pipeline folder")
+    p.add_argument(
+        "ckpt", metavar="CKPT", help="a converted distill-jax pipeline folder, or a toy one"
+    )
     p.add_argument(
         "--prompt",
         action="append",
@@ -352,7 +352,7 @@ def _load_noise(path: str):
 
 
 def _run_sample(args: argparse.Namespace) -> None:
-    from distill_jax.convert import load_pipeline
+    from distill_jax.folders import load_pipeline
     from distill_jax.pipeline.generate import check_request, generate_to_folder
 
     check_request(  # before minutes of loading
@@ -390,9 +390,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train or distil with a config (flow matching, rescale, sCM, MeanFlow)",
         description="Runs distill_jax.train.train(config, workdir), resuming from the newest "
-        "checkpoint in --workdir. Override any config field with --config.FIELD=VALUE (e.g. "
-        "--config.optim.lr=1e-6); an unknown field is an error. SIGTERM or Ctrl-C saves a "
-        "checkpoint and exits with 128 + the signal (143, 130); run the same command to resume.",
+        "checkpoint in --workdir; a finished run writes its student to WORKDIR/student. Override "
+        "any config field with --config.FIELD=VALUE (e.g. --config.optim.lr=1e-6); an unknown "
+        "field is an error. SIGTERM or Ctrl-C saves a checkpoint and exits with 128 + the signal "
+        "(143, 130); run the same command to resume.",
     )
     p.add_argument(
         "--config",
@@ -431,7 +432,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     config = args.config_dict
     if args.dry_run:
-        from distill_jax.train import plan_memory
+        from distill_jax.memory import plan_memory
 
         plan = plan_memory(config, compile=args.compile)
         for key, value in plan.items():
@@ -511,9 +512,9 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    from distill_jax.convert import load_pipeline
     from distill_jax.data.prepare import prepare
     from distill_jax.data.sources import check_image_limits
+    from distill_jax.folders import load_pipeline
     from distill_jax.pipeline.generate import check_request
 
     # before minutes of loading the pipeline
@@ -559,13 +560,20 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a shortened run (smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="a toy pipeline folder, e.g. WORKDIR/student of configs/toy_teacher.py "
+        "(default: the shipped teacher)",
+    )
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from distill_jax.demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick, seed=args.seed)
+    teacher = {} if args.teacher is None else {"teacher": args.teacher}
+    run_demo(args.workdir, quick=args.quick, seed=args.seed, **teacher)
 
 
 # --- geneval ----------------------------------------------------------------------------------
@@ -579,7 +587,7 @@ def _add_geneval(subparsers: argparse._SubParsersAction) -> None:
         "every line of GenEval's evaluation_metadata.jsonl; resumable (finished prompts are kept). "
         "Score the folder with the official GenEval code (see README).",
     )
-    p.add_argument("--checkpoint", required=True, help="a converted pipeline folder")
+    p.add_argument("--checkpoint", required=True, help="a converted pipeline folder, or a toy one")
     p.add_argument("--metadata", required=True, help="GenEval's evaluation_metadata.jsonl")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", choices=("teacher", "scm", "meanflow"), default="teacher")
@@ -636,81 +644,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Quiet(logging.Filter):
-    """Without ``--verbose``, other libraries' records are one line each, said once, with no
-    traceback, and their errors are held back: a failing verb ends in one line of its own (a
-    failed Orbax checkpoint write otherwise prints a hundred tracebacks from its threads), and
-    a verb that succeeds prints them at the end."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[str, str]] = set()
-        self.held: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("distill_jax") or getattr(record, "released", False):
-            return True
-        message = record.getMessage()
-        line = message.splitlines()[0] if message else ""
-        if (record.name, line) in self.seen:
-            return False
-        self.seen.add((record.name, line))
-        record.msg, record.args = line, None
-        record.exc_info = record.exc_text = record.stack_info = None
-        if record.levelno >= logging.ERROR:
-            record.released = False
-            self.held.append(record)
-            return False
-        return True
-
-    def release(self) -> None:
-        for record in self.held:
-            record.released = True
-            logging.getLogger(record.name).handle(record)
-        self.held.clear()
-
-
-@contextlib.contextmanager
-def _quiet_libraries(verbose: bool) -> Iterator[_Quiet | None]:
-    """:class:`_Quiet` on the root handlers while a verb runs, with Python warnings, errors of
-    background threads and "unraisable" ones (C++ callbacks at shutdown) logged through it."""
-    if verbose:
-        yield None
-        return
-    quiet, handlers = _Quiet(), list(logging.getLogger().handlers)
-    hooks = threading.excepthook, sys.unraisablehook
-
-    def one_line(kind: str, err: BaseException | None) -> None:
-        logging.getLogger(kind).error("%s: %s", type(err).__name__, err)  # through `quiet`
-
-    def thread_error(info: threading.ExceptHookArgs) -> None:
-        one_line(f"thread {info.thread.name if info.thread else '?'}", info.exc_value)
-
-    threading.excepthook = thread_error
-    sys.unraisablehook = lambda u: one_line("unraisable", u.exc_value)
-    logging.captureWarnings(True)  # Python warnings too: one line, once
-    for h in handlers:
-        h.addFilter(quiet)
-    try:
-        yield quiet
-    finally:
-        for h in handlers:
-            h.removeFilter(quiet)
-        logging.captureWarnings(False)
-        threading.excepthook, sys.unraisablehook = hooks
-
-
-def _error_line(err: BaseException) -> str:
-    """The one line for an error: our refusals (bad input, a job that could not form) say what
-    is wrong; anything else is named by its type (the traceback is under --verbose)."""
-    from distill_jax import distributed
-
-    text = str(err) or type(err).__name__
-    if isinstance(err, ValueError | OSError | ImportError | distributed.DistributedError):
-        return text
-    return f"{type(err).__name__}: {text} (--verbose shows where)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one verb; returns the exit status: 0 when it finished, 1 with a one-line message
     when it failed (the traceback only with ``--verbose``), 130 on Ctrl-C, and ``128 + signal``
@@ -731,10 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             + f" --xla_force_host_platform_device_count={args.fake_devices}"
         )
         os.environ["JAX_PLATFORMS"] = "cpu"
-    from distill_jax import distributed
+    from distill_jax import console, distributed
 
     distributed.configure_logging(args.verbose)
-    with _quiet_libraries(args.verbose) as quiet:
+    with console.quiet_libraries(args.verbose) as quiet:
         try:
             if args.verb == "train":
                 from distill_jax.config import load_config
@@ -750,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 (every failure ends in one line and status 1)
             if args.verbose:
                 log.exception("distill-jax %s failed", args.verb)
-            line = _error_line(err)
+            line = console.error_line(err)
             if quiet and quiet.held:
                 line += f" ({len(quiet.held)} library error(s) held back; --verbose shows them)"
             print(f"distill-jax {args.verb}: error: {line}", file=sys.stderr)

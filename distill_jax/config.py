@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 METHODS = ("flow_matching", "rescale", "scm", "meanflow")
+DATA_KINDS = ("synthetic", "latents", "shapes")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,10 +45,17 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.path = ""  # a `distill-jax convert` folder (or its transformer/); "" = random init
-    c.teacher.init_checkpoint = ""  # optional student init (e.g. a rescaled or fine-tuned model)
+    # The student's initial parameters. "": the teacher's where the student has the same ones
+    # (its extra heads random). A converted FLUX folder (`distill-jax convert` output or its
+    # transformer/, or the WORKDIR/student that a finished run writes):
+    # every parameter the folder has comes from it, the rest as without it. Read when a run
+    # starts, never on resume (the workdir's checkpoints hold the state).
+    c.teacher.init_checkpoint = ""
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "synthetic"  # "synthetic" | "latents" (a `distill-jax prepare` dataset)
+    # "synthetic" | "latents" (a `distill-jax prepare` dataset) | "shapes" (the toy's world,
+    # rendered on the fly and captioned by the toy teacher's text encoder: toy_config)
+    c.data.kind = "synthetic"
     c.data.path = ""
     c.data.batch_size = 8  # global batch
     c.data.shuffle_seed = 0
@@ -55,31 +63,38 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.latent_channels = 4  # synthetic: VAE latent channels
     c.data.text_len = 8  # synthetic: text tokens
     c.data.synthetic_size = 1 << 20  # synthetic: records (= batch_size for one fixed batch)
+    c.data.caption_dropout = 0.1  # shapes: the fraction of captions replaced by ""
 
+    # Shared loss settings, then one group per method whose fields are the keyword arguments of
+    # its pure loss in distill_jax.losses (the trainer passes **config.loss.<method>).
     c.loss = ml_collections.ConfigDict()
     c.loss.guidance_values = (4.0, 4.5, 5.0)  # embedded guidance drawn per sample (spec 3.2, 4.3)
-    c.loss.paper_slips = False  # reproduce the paper code's slips (spec 7)
-    c.loss.sigma_d = 0.5
-    c.loss.p_mean = 0.2
-    c.loss.p_std = 1.6
-    c.loss.tangent_warmup_steps = 4000
-    c.loss.tangent_norm_c = 0.1
-    c.loss.cfg_prob = 0.1
-    c.loss.use_cfg = True
-    c.loss.omega = 1.0
-    c.loss.kappa = 0.5
-    c.loss.cfg_t_min = 0.0
-    c.loss.cfg_t_max = 1.0
-    c.loss.adaptive_p = 1.0
-    c.loss.adaptive_c = 1e-3
-    c.loss.mu = -0.4
-    c.loss.sigma = 1.0
-    c.loss.ratio_r_neq_t = 0.75
-    c.loss.rescale_guidance_range = (2.0, 5.0)
-    # flow_matching: flow times ~ logit-normal(fm_time_mean, fm_time_std); a positive mean
+    c.loss.paper_slips = False  # sCM and MeanFlow reproduce the paper code's slips (spec 7)
+    # flow_matching_loss: flow times ~ logit-normal(logit_mean, logit_std); a positive mean
     # trains more at high noise, where a layout is decided (SD3 samples logit-normal(0, 1)).
-    c.loss.fm_time_mean = 0.0
-    c.loss.fm_time_std = 1.0
+    c.loss.flow_matching = ml_collections.ConfigDict()
+    c.loss.flow_matching.logit_mean = 0.0
+    c.loss.flow_matching.logit_std = 1.0
+    c.loss.rescale = ml_collections.ConfigDict()  # rescale_regression_loss (spec 2.2)
+    c.loss.rescale.guidance_range = (2.0, 5.0)  # g ~ U[lo, hi], raw units
+    c.loss.scm = ml_collections.ConfigDict()  # scm_loss (spec 3.3)
+    c.loss.scm.sigma_d = 0.5
+    c.loss.scm.p_mean = 0.2
+    c.loss.scm.p_std = 1.6
+    c.loss.scm.tangent_warmup_steps = 4000
+    c.loss.scm.tangent_norm_c = 0.1
+    c.loss.meanflow = ml_collections.ConfigDict()  # meanflow_loss (spec 4.4)
+    c.loss.meanflow.cfg_prob = 0.1
+    c.loss.meanflow.use_cfg = True
+    c.loss.meanflow.omega = 1.0
+    c.loss.meanflow.kappa = 0.5
+    c.loss.meanflow.cfg_t_min = 0.0
+    c.loss.meanflow.cfg_t_max = 1.0
+    c.loss.meanflow.adaptive_p = 1.0
+    c.loss.meanflow.adaptive_c = 1e-3
+    c.loss.meanflow.mu = -0.4
+    c.loss.meanflow.sigma = 1.0
+    c.loss.meanflow.ratio_r_neq_t = 0.75
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
@@ -101,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.replicated_threshold_bytes = 1 << 20  # assert nothing larger is replicated
     c.multihost = False  # join the auto-detected cluster first (the CLI's --multihost)
     c.peak_tflops_per_device = 0.0  # for MFU when the device is not in the known table
+    # A finished run writes its student (the EMA when optim.ema_decay > 0) to WORKDIR/student,
+    # a converted folder; its parameters stored in this dtype ("" = as trained, float32).
+    c.save_dtype = ""
     return c
 
 
@@ -160,6 +178,17 @@ def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
     return paths
 
 
+def _fields(config: ml_collections.ConfigDict, prefix: str) -> list[tuple[str, object]]:
+    """``(dotted path, value)`` of every leaf field, nested configs walked."""
+    out = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _fields(value, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, value))
+    return out
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses, naming the field, what would fail later (after a compile) or silently."""
     if config.method not in METHODS:
@@ -176,10 +205,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "or 0 for all"
         )
     for group in ("optim", "loss"):
-        for name, value in config[group].items():
+        for name, value in _fields(config[group], f"config.{group}."):
             values = value if isinstance(value, tuple | list) else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ValueError(f"config.{group}.{name}={value} is not finite")
+                raise ValueError(f"{name}={value} is not finite")
+    if config.data.kind not in DATA_KINDS:
+        raise ValueError(f"config.data.kind={config.data.kind!r}; choose one of {DATA_KINDS}")
+    if config.save_dtype not in ("", "bfloat16", "float32"):
+        raise ValueError(f"config.save_dtype={config.save_dtype!r}: '', bfloat16 or float32")
     if config.data.batch_size % config.grad_accum:
         raise ValueError(
             f"config.data.batch_size={config.data.batch_size} is not divisible by "
@@ -208,8 +241,46 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.batch_size, c.data.latent_grid, c.data.latent_channels = 8, (4, 4), 4
     c.data.text_len = 8
     c.optim.lr, c.optim.warmup_steps = 1e-3, 0
-    c.loss.tangent_warmup_steps = 10
+    c.loss.scm.tangent_warmup_steps = 10
     c.mesh.data, c.mesh.fsdp = -1, 1
+    return c
+
+
+def toy_config(method: str = "flow_matching") -> ml_collections.ConfigDict:
+    """The toy of the shapes world (:mod:`distill_jax.pipeline.toy`): its teacher
+    (``"flow_matching"``, from scratch) or a student of it (``"scm"``, ``"meanflow"``: set
+    ``teacher.path`` to a toy folder). ``configs/toy_teacher.py``, ``configs/toy_distill.py`` and
+    `distill-jax demo` use these."""
+    c = base_config()
+    c.method = method
+    c.model.preset = "toy"  # the teacher from scratch; students take the teacher's structure
+    c.model.dtype, c.model.remat = "float32", "none"
+    c.data.kind = "shapes"
+    c.log_every, c.async_checkpoints = 50, False
+    c.loss.guidance_values = (0.0,)  # no guidance embedder: unused
+    c.mesh.data, c.mesh.fsdp = -1, 1
+    c.optim.clip = 1.0
+    if method == "flow_matching":
+        c.total_steps, c.checkpoint_every = 6000, 500
+        c.data.batch_size = 64
+        c.loss.flow_matching.logit_mean = 1.0  # logit-normal(1, 1): median flow time 0.73
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 6e-4, 200, "cosine"
+        c.optim.ema_decay = 0.999
+        c.optim.weight_decay = 0.0
+        c.save_dtype = "bfloat16"  # half the size; the demo's accuracies are unchanged (+-0.4%)
+    elif method == "scm":
+        c.total_steps, c.checkpoint_every = 800, 400
+        c.data.batch_size = 32
+        c.optim.lr, c.optim.weight_decay = 2e-4, 0.0
+        c.loss.scm.tangent_warmup_steps = 100
+    elif method == "meanflow":
+        c.total_steps, c.checkpoint_every = 800, 400
+        c.data.batch_size = 32
+        c.optim.lr, c.optim.weight_decay = 2e-4, 0.0
+        c.loss.meanflow.use_cfg = False
+        c.model.delta_init = "zero"
+    else:
+        raise ValueError(f"toy_config: method={method!r}; flow_matching, scm or meanflow")
     return c
 
 

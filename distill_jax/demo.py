@@ -2,12 +2,14 @@
 
 :func:`run_demo` runs the project end to end on a laptop CPU in minutes:
 
-1. loads the toy teacher of the shapes world (:mod:`distill_jax.toy`, shipped in the package);
+1. loads the toy teacher of the shapes world (:mod:`distill_jax.pipeline.toy`, shipped in the
+   package) with ``load_pipeline``;
 2. distils it with sCM and with MeanFlow through the project's one training loop
-   (:func:`distill_jax.train.train`, the real losses and samplers, ``toy_config(method)``);
+   (:func:`distill_jax.train.train` on the shapes input, ``toy_config(method)``), which writes
+   each student as a toy pipeline folder;
 3. samples the teacher at 1, 2, 4 and its full number of Euler steps and each student at 1, 2
-   and 4 steps on the same held-out prompts and noise, and scores every image with
-   :mod:`distill_jax.evaluate`;
+   and 4 steps with :func:`~distill_jax.pipeline.generate.generate` on the same held-out prompts
+   and noise (one seed), and scores every image with :mod:`distill_jax.evaluate`;
 4. writes ``report.json`` (every number, and every sample's prompt, attributes, scores and
    image path, so any result can be re-scored), ``report.md`` (the table), ``samples.png`` (the
    same prompts across models) and prints the table.
@@ -29,8 +31,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from distill_jax import evaluate, toy
+from distill_jax import evaluate
+from distill_jax.config import toy_config
 from distill_jax.data import shapes
+from distill_jax.folders import load_pipeline
+from distill_jax.pipeline import toy
+from distill_jax.pipeline.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +63,19 @@ class _Result:
 
 def _evaluate(pipe, prompts, *, model, sampler, steps, seed, batch_size) -> _Result:
     """Samples every prompt once and scores it. Seconds per image exclude the first batch (its
-    compilation) unless there is only one batch."""
+    compilations) unless there is only one batch."""
     timings: list[float] = []
-    texts = [p.text for p in prompts]
-    images = toy.sample(
-        pipe, texts, method=sampler, steps=steps, seed=seed, batch_size=batch_size, timings=timings
+    images = generate(
+        pipe,
+        [p.text for p in prompts],
+        height=shapes.SIZE,
+        width=shapes.SIZE,
+        steps=steps,
+        guidance=None,
+        seed=seed,
+        method=sampler,
+        batch_size=batch_size,
+        timings=timings,
     )
     bs = min(batch_size, len(prompts))
     timed = timings[1:] or timings
@@ -77,24 +91,25 @@ def _evaluate(pipe, prompts, *, model, sampler, steps, seed, batch_size) -> _Res
     return _Result(model, sampler, steps, images, summary, scores, per_image)
 
 
-def _distil(teacher: toy.ToyPipeline, method: str, workdir: Path, opts: dict, seed: int):
-    """Trains a ``method`` student of the teacher in ``workdir/method`` (resuming what is
-    there); returns ``(student pipeline, logged metrics, seconds, config)``."""
+def _distil(teacher: Path, method: str, workdir: Path, opts: dict, seed: int):
+    """Trains a ``method`` student of the teacher folder in ``workdir/method`` (resuming what is
+    there), which writes it to ``workdir/method/student``; returns ``(student pipeline, logged
+    metrics, seconds, config)``."""
     from distill_jax.train import train
 
-    config = toy.toy_config(method)
-    config.seed = seed
+    config = toy_config(method)
+    config.seed = config.data.shuffle_seed = seed
+    config.teacher.path = str(teacher)
     if opts["train_steps"]:
         config.total_steps = opts["train_steps"]
         config.log_every = max(1, min(config.log_every, opts["train_steps"] // 2))
         config.checkpoint_every = opts["train_steps"]
     if opts["train_batch"]:
         config.data.batch_size = opts["train_batch"]
-    data = toy.shapes_input(teacher, batch_size=config.data.batch_size, seed=seed)
     start = time.perf_counter()
-    run = train(config, workdir / method, data=data, teacher=teacher.transformer)
+    run = train(config, workdir / method)
     seconds = time.perf_counter() - start
-    return teacher.with_transformer(run.student()), run.metrics, seconds, config
+    return load_pipeline(workdir / method / "student"), run.metrics, seconds, config
 
 
 def _grid(results: Sequence[_Result], n: int, path: Path) -> None:
@@ -162,7 +177,7 @@ def run_demo(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    pipe = toy.load_toy(teacher)
+    pipe = load_pipeline(teacher)
     meta = json.loads((Path(teacher) / toy.META_FILE).read_text())
     full_steps = int(meta.get("teacher_steps", toy.TEACHER_STEPS))
     prompts = shapes.eval_prompts(opts["num_prompts"], seed=seed)
@@ -174,10 +189,7 @@ def run_demo(
     ]
     training = {}
     for method in methods:
-        student, metrics, seconds, config = _distil(pipe, method, workdir, opts, seed)
-        toy.save_toy(
-            student, workdir / method / "student", {"method": method, "teacher": str(teacher)}
-        )
+        student, metrics, seconds, config = _distil(Path(teacher), method, workdir, opts, seed)
         training[method] = {
             "steps": config.total_steps,
             "batch_size": config.data.batch_size,

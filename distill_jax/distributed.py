@@ -213,6 +213,21 @@ def my_share(n: int) -> list[int]:
     return list(range(index, n, count))
 
 
+def shared_token() -> str:
+    """Eight random hex digits, the same on every process (process 0's): a name that every
+    process of a collective write agrees on."""
+    import uuid
+
+    import numpy as np
+
+    token = np.asarray([uuid.uuid4().int % 2**31], np.int32)
+    if process()[1] > 1:
+        from jax.experimental import multihost_utils
+
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    return f"{int(token[0]):08x}"
+
+
 def sync(name: str) -> None:
     """A barrier of every process (no-op in a single process)."""
     if process()[1] > 1:

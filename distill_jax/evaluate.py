@@ -196,17 +196,8 @@ def read_geneval_metadata(path: str | Path) -> list[dict]:
 
 
 def _sampler(checkpoint: str | Path, *, method: str, steps: int, guidance, size, batch_size):
-    """``images(prompts, seed) -> uint8 [N, H, W, 3]`` for a toy or a converted pipeline."""
-    from distill_jax import toy
-
-    if toy.is_toy(checkpoint):
-        pipe = toy.load_toy(checkpoint)
-        if guidance is not None:
-            raise ValueError("the toy models embed no guidance; pass guidance=None")
-        return lambda prompts, seed: toy.sample(
-            pipe, prompts, method=method, steps=steps, seed=seed, batch_size=batch_size
-        )
-    from distill_jax.convert import load_pipeline
+    """``images(prompts, seed) -> uint8 [N, size, size, 3]`` of a converted or toy pipeline."""
+    from distill_jax.folders import load_pipeline
     from distill_jax.pipeline.generate import generate
 
     pipe = load_pipeline(checkpoint)
@@ -246,10 +237,11 @@ def generate_geneval(
 
     Args:
       checkpoint: a converted pipeline folder (``distill-jax convert``, possibly with a
-        distilled transformer) or a toy pipeline folder (:func:`distill_jax.toy.save_toy`).
+        distilled transformer) or a toy pipeline folder (``WORKDIR/student`` of a shapes run,
+        :func:`distill_jax.folders.save_toy`).
       method, steps, guidance: the sampler (see :func:`distill_jax.pipeline.generate.generate`);
         the toy takes ``guidance=None``.
-      size: image side in pixels (converted pipelines; the toy's images are 32 pixels).
+      size: image side in pixels (the toy was trained at 32).
       batch_size: images per sampler call (default: ``samples``, one prompt per call).
     On several hosts (``distill-jax geneval --multihost``), host ``p`` of ``P`` takes prompts
     ``p, p + P, ...`` on its own devices; the folder must be shared (or gathered afterwards).

@@ -115,6 +115,19 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
     )
 
 
+def abstract_sharded(tree: Any, shardings: Any = None) -> Any:
+    """``tree`` as ``jax.ShapeDtypeStruct`` leaves carrying ``shardings`` (a tree of the same
+    structure; default: each leaf's own ``.sharding``): what Orbax restores and ``jax.jit``
+    lowers into. ``tree`` may be concrete or abstract."""
+    if shardings is None:
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
+        )
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
 @contextlib.contextmanager
 def axis_rules(rules) -> Iterator[None]:
     """Sets the rules that :func:`constrain` resolves activation names with."""

@@ -126,7 +126,7 @@ def test_sample_passes_every_flag(tmp_path, monkeypatch):
         calls["generate"] = (pipeline, prompts, kw)
         return np.full((len(prompts), 16, 16, 3), 7, np.uint8)
 
-    monkeypatch.setattr("distill_jax.convert.load_pipeline", load_pipeline)
+    monkeypatch.setattr("distill_jax.folders.load_pipeline", load_pipeline)
     monkeypatch.setattr("distill_jax.pipeline.generate.generate", generate)
     noise = np.random.default_rng(0).standard_normal((2, 4, 2, 2)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
@@ -235,7 +235,7 @@ BAD_SAMPLE = [  # refused before the pipeline is loaded
 @pytest.mark.parametrize("extra,message", BAD_SAMPLE)
 def test_sample_requests_are_checked_before_loading(extra, message, capsys, monkeypatch):
     loaded = []
-    monkeypatch.setattr("distill_jax.convert.load_pipeline", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("distill_jax.folders.load_pipeline", lambda *a, **k: loaded.append(a))
     assert cli.main(SAMPLE + extra) == 1
     assert message in _one_error_line(capsys, "sample")
     assert loaded == []
@@ -272,7 +272,7 @@ def _bad_noise(tmp_path, kind: str) -> str:
 )
 def test_bad_init_noise_is_refused(kind, message, tmp_path, capsys, monkeypatch):
     stub = types.SimpleNamespace(latent_channels=4, vae_scale_factor=8)
-    monkeypatch.setattr("distill_jax.convert.load_pipeline", lambda *a, **k: stub)
+    monkeypatch.setattr("distill_jax.folders.load_pipeline", lambda *a, **k: stub)
     argv = SAMPLE + ["--height", "16", "--width", "16", "--init-noise", _bad_noise(tmp_path, kind)]
     assert cli.main(argv) == 1
     line = _one_error_line(capsys, "sample")

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill_jax import demo, toy
+from distill_jax import demo
 from distill_jax import evaluate as ev
 from distill_jax.data import shapes
+from distill_jax.folders import load_pipeline
+from distill_jax.pipeline.toy import ToyPipeline
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,7 @@ def test_every_sample_can_be_rescored(report_dir):
 def test_students_are_saved_and_reload(report_dir):
     workdir, _ = report_dir
     for method in demo.METHODS:
-        student = toy.load_toy(workdir / method / "student")
+        student = load_pipeline(workdir / method / "student")
+        assert isinstance(student, ToyPipeline)
         assert (student.transformer.delta_in is not None) == (method == "meanflow")
         assert (student.transformer.logvar is not None) == (method == "scm")

@@ -28,7 +28,8 @@ import safetensors.numpy
 import torch
 from flax import nnx
 
-from distill_jax.convert import _config_from_json, _Tracked
+from distill_jax.convert import _Tracked
+from distill_jax.folders import config_from_json
 from distill_jax.models.autoencoder import AutoencoderConfig
 from distill_jax.models.clip import CLIPTextConfig
 from distill_jax.models.flux import Flux, FluxConfig
@@ -307,7 +308,7 @@ def _kind(value) -> str:
 
 
 def _allowed(field: dataclasses.Field) -> set[str]:
-    """JSON kinds a field accepts, from its annotation string (independent of convert.py)."""
+    """JSON kinds a field accepts, from its annotation string (independent of folders.py)."""
     spelled = str(field.type)
     if spelled.startswith("tuple"):
         return {"tuple"}
@@ -345,7 +346,7 @@ def test_converted_configs(tmp_path):
         field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
         fits = how == "value" and field is not None and _kind(value) in _allowed(field)
         try:
-            cfg = _config_from_json(cls, text, tmp_path)
+            cfg = config_from_json(cls, text, tmp_path)
         except ValueError as err:
             message = str(err)
             assert message.startswith(f"{path}: bad {cls.__name__}") and "\n" not in message
@@ -363,7 +364,7 @@ def test_converted_configs(tmp_path):
     # time_scale's own check: the right type, but not a positive number
     for bad in (0, 0.0, -1000.0):
         with pytest.raises(ValueError, match=rf"{path}: bad FluxConfig \(time_scale={bad}"):
-            _config_from_json(FluxConfig, {**good_flux(), "time_scale": bad}, tmp_path)
+            config_from_json(FluxConfig, {**good_flux(), "time_scale": bad}, tmp_path)
 
 
 def good_flux() -> dict:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from distill_jax import evaluate as ev
-from distill_jax import toy
+from distill_jax.pipeline import toy
 
 ROWS = [
     {
@@ -39,7 +39,7 @@ def _tree(root):
 
 def test_layout_and_resume(toy_folder, metadata, tmp_path):
     out = tmp_path / "geneval"
-    kw = dict(method="teacher", steps=1, guidance=None)
+    kw = dict(method="teacher", steps=1, guidance=None, size=32)
     first = ev.generate_geneval(toy_folder, metadata, out, **kw)
     assert first["generated"] == 3 and first["skipped"] == 0
     want = []
@@ -86,6 +86,6 @@ def test_bad_metadata_is_named(toy_folder, tmp_path):
         ev.generate_geneval(toy_folder, bad, tmp_path / "out", guidance=None)
     bad.write_text(json.dumps({"prompt": "a photo of a bench"}) + "\n")
     with pytest.raises(ValueError, match="unknown word"):  # the toy knows only its own words
-        ev.generate_geneval(toy_folder, bad, tmp_path / "out", steps=1, guidance=None)
+        ev.generate_geneval(toy_folder, bad, tmp_path / "out", steps=1, guidance=None, size=32)
     with pytest.raises(ValueError, match="guidance=None"):
-        ev.generate_geneval(toy_folder, bad, tmp_path / "out2", steps=1, guidance=3.5)
+        ev.generate_geneval(toy_folder, bad, tmp_path / "out2", steps=1, guidance=3.5, size=32)

@@ -189,7 +189,7 @@ def _call(model: Flux, d: dict, x, s, c, **kw):
 def jax_loss_fn(
     w: World, case: Case, student_gd: nnx.GraphDef, tangent_gd: nnx.GraphDef
 ) -> Callable[[nnx.State], tuple[jax.Array, dict]]:
-    """``params -> (loss, metrics)``, wired as ``distill_jax.train.make_loss_fn`` wires it: the
+    """``params -> (loss, metrics)``, wired as ``distill_jax.methods.make_loss_fn`` wires it: the
     student's structure ``student_gd``, and ``tangent_gd`` for the tangent (JVP) pass."""
     d = {k: jnp.asarray(v) for k, v in w.data.items()}
     teacher = w.teacher

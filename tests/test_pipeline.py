@@ -27,7 +27,7 @@ from test_text_encoding import PROMPTS, assert_close, tiny_flux_pipeline, to_pip
 
 from distill_jax.models.flux import Flux, reset_delta_embedder
 from distill_jax.pipeline import latents as lat
-from distill_jax.pipeline.generate import decode, denoise, generate
+from distill_jax.pipeline.generate import denoise, generate
 from distill_jax.pipeline.images import image_grid, save_images
 from distill_jax.pipeline.text import encode_prompts
 
@@ -193,7 +193,7 @@ def test_decode_matches_diffusers_vae(pipes):
     with torch.no_grad():
         x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)
         ref = pipe.image_processor.postprocess(x.sample, output_type="np")
-    assert_images_close(decode(ours, packed, case.height, case.width), ref)
+    assert_images_close(ours.decode(packed, case.height, case.width), ref)
 
 
 def test_meanflow_with_zero_delta_is_the_teacher(pipes):

@@ -10,8 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from distill_jax.data import shapes
-from distill_jax.data.input_pipeline import make_dataset
-from distill_jax.toy import tokenize
+from distill_jax.data.input_pipeline import make_dataset, to_model_range
+from distill_jax.pipeline.toy import tokenize
 
 # Analytic areas in pixels of a shape with bounding-box side s.
 AREA = {
@@ -46,7 +46,7 @@ def test_captions_match_the_rendered_pixels(split):
         words = ex.prompt.text.split()
         for obj in ex.prompt.objects:
             assert obj.color in words and (obj.shape in words or obj.shape + "s" in words)
-        tokenize([ex.prompt.text])  # every caption is in the vocabulary
+        tokenize([ex.prompt.text], shapes.VOCAB, shapes.TEXT_LEN)  # every caption has its words
         # A pixel is bg + coverage * (colour - bg): recover each pixel's colour and coverage.
         v = ex.image.astype(np.float32) - bg  # [H, W, 3]
         alpha = np.einsum("hwc,kc->hwk", v, dirs) / (dirs * dirs).sum(-1)  # [H, W, K]
@@ -107,7 +107,7 @@ def test_tfds_copy_reads_back_through_the_input_pipeline(tmp_path):
     batches = list(ds)
     assert len(batches) == 3
     images = np.concatenate([b["image"] for b in batches])
-    want = shapes.to_model(np.stack([source[i]["image"] for i in range(12)]))
+    want = to_model_range(np.stack([source[i]["image"] for i in range(12)]))
     np.testing.assert_array_equal(images, want)  # PNG is lossless; 32 px needs no resize
     assert [c for b in batches for c in b["caption"]] == [source[i]["caption"] for i in range(12)]
 
@@ -118,4 +118,4 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="split='test'"):
         shapes.split_prompts("test")
     with pytest.raises(ValueError, match="unknown word.*'dodecahedron'"):
-        tokenize(["a red dodecahedron"])
+        tokenize(["a red dodecahedron"], shapes.VOCAB, shapes.TEXT_LEN)

@@ -4,6 +4,7 @@ sharded training equals unsharded, non-finite steps are skipped and counted.
 Runs on 8 fake CPU devices (tests/conftest.py) with tiny models and float32 compute.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 
 from distill_jax.config import base_config, load_config
-from distill_jax.train import NonFiniteError, make_input, model_configs, train
+from distill_jax.data.training import make_input
+from distill_jax.methods import model_configs
+from distill_jax.train import NonFiniteError, train
 
 
 def tiny(method: str, **changes) -> "ml_collections.ConfigDict":  # noqa: F821
@@ -25,7 +28,7 @@ def tiny(method: str, **changes) -> "ml_collections.ConfigDict":  # noqa: F821
     c.async_checkpoints = False
     c.optim.lr = 3e-3
     c.optim.weight_decay = 0.0
-    c.loss.tangent_warmup_steps = 2
+    c.loss.scm.tangent_warmup_steps = 2
     c.data.latent_grid, c.data.latent_channels, c.data.batch_size = (4, 4), 4, 8
     for key, value in changes.items():
         node = c
@@ -125,12 +128,12 @@ def test_one_pass_tangent_matches_a_separate_tangent_pass(method, tmp_path):
 
 
 def test_flow_matching_time_shift(tmp_path):
-    """``loss.fm_time_mean`` shifts the logit-normal flow times: the logged mean time matches
-    E[sigmoid(N(mean, 1))] (by quadrature) for mean 0 and 1.5."""
+    """``loss.flow_matching.logit_mean`` shifts the logit-normal flow times: the logged mean time
+    matches E[sigmoid(N(mean, 1))] (by quadrature) for mean 0 and 1.5."""
     z = np.linspace(-8, 8, 4001)
     for mean in (0.0, 1.5):
         config = tiny("flow_matching", **{"total_steps": 8, "data.batch_size": 64})
-        config.loss.fm_time_mean = mean
+        config.loss.flow_matching.logit_mean = mean
         run = train(config, tmp_path / str(mean))
         got = np.mean([m["flow_matching/mean_time"] for m in run.metrics])
         pdf = np.exp(-0.5 * z**2)
@@ -238,3 +241,117 @@ def test_bad_run_settings_are_refused_before_anything_runs(tmp_path, field, valu
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         train(tiny("flow_matching", **{field: value}), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def save_flux(folder, cfg, seed: int) -> dict:
+    """A float32 FLUX folder as `distill-jax convert` writes it; returns its parameters by path."""
+    from flax import nnx
+
+    from distill_jax.folders import save_model
+    from distill_jax.models.flux import Flux
+
+    model = Flux(cfg, rngs=nnx.Rngs(seed))
+    save_model(model, folder)
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def flat_params(state) -> dict:
+    from flax import nnx
+
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(jax.device_get(state))}
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_init_checkpoint_sets_every_parameter_it_has(method, tmp_path):
+    """The student starts with the folder's parameters exactly; a head the folder lacks keeps the
+    init it has without one (sCM's log-variance head), and MeanFlow's Δ-time embedder restarts
+    from the folder's time embedder ("zero": its first layer, a zero output layer)."""
+    from distill_jax.models.flux import FluxConfig
+    from distill_jax.train import load_init, load_teacher, make_setup, mesh_and_rules
+
+    saved = save_flux(tmp_path / "init", FluxConfig.tiny().replace(time_scale=1.0), seed=7)
+    config = tiny(method, **{"teacher.init_checkpoint": str(tmp_path / "init")})
+    mesh, rules = mesh_and_rules(config)
+    teacher_cfg, teacher_params = load_teacher(config, mesh, rules)
+    setup = make_setup(config, mesh, rules, teacher_cfg, teacher_params)
+    init_params = load_init(config, setup.student_cfg, mesh, rules)
+    init = jax.jit(setup.init_fn)
+    got = flat_params(init(teacher_params, setup.root, init_params)["params"])
+    default = flat_params(init(teacher_params, setup.root)["params"])
+
+    assert set(saved) < set(got)
+    for path, value in got.items():
+        if path in saved:
+            np.testing.assert_array_equal(value, saved[path], err_msg=str(path))
+        elif path[0] == "delta_in":
+            want = saved[("time_in", *path[1:])] if path[1] == "in_layer" else np.zeros_like(value)
+            np.testing.assert_array_equal(value, want, err_msg=str(path))
+        else:
+            assert path[0] == "logvar", path
+            np.testing.assert_array_equal(value, default[path], err_msg=str(path))
+    kernel = ("img_in", "kernel")  # the teacher's in the default: another random draw
+    assert np.abs(got[kernel] - default[kernel]).max() > 0.1
+
+    save_flux(tmp_path / "stock", FluxConfig.tiny(), seed=7)  # time_scale 1000
+    config.teacher.init_checkpoint = str(tmp_path / "stock")
+    with pytest.raises(ValueError, match="runs at time_scale 1000"):
+        load_init(config, setup.student_cfg, mesh, rules)
+
+
+def test_init_checkpoint_starts_a_run_and_resume_uses_the_runs_checkpoints(tmp_path):
+    """A run starts from the folder (after 3 Adam steps of 3e-3 every parameter is within 0.05 of
+    it, where a random start is not); its resume reads its own checkpoint, not the folder (gone)."""
+    from distill_jax.models.flux import FluxConfig
+
+    saved = save_flux(tmp_path / "init", FluxConfig.tiny(), seed=7)
+    config = tiny("flow_matching", **{"teacher.init_checkpoint": str(tmp_path / "init")})
+    config.total_steps = 3
+    run = train(config, tmp_path / "run")
+    got = flat_params(run.state["params"])
+    assert got.keys() == saved.keys()
+    assert max(np.max(np.abs(got[p] - saved[p])) for p in saved) < 0.05
+
+    shutil.rmtree(tmp_path / "init")
+    config.total_steps = 4
+    resumed = train(config, tmp_path / "run")
+    assert [m["step"] for m in resumed.metrics] == [4]
+
+
+def test_toy_teacher_runlocal_writes_a_toy_pipeline_that_samples(tmp_path):
+    """`distill-jax train --config configs/toy_teacher.py:runlocal` trains on the shapes world and
+    writes WORKDIR/student: a toy pipeline folder (EMA transformer in bfloat16, the text encoder
+    that captioned the input) that load_pipeline reads and generate samples at 32x32."""
+    from flax import nnx
+
+    from distill_jax.cli import main
+    from distill_jax.data import shapes
+    from distill_jax.folders import load_pipeline
+    from distill_jax.pipeline.generate import generate
+    from distill_jax.pipeline.toy import ToyPipeline, new_text_encoder
+
+    args = ["--config.total_steps=1", "--config.data.batch_size=8", "--config.mesh.devices=1"]
+    workdir = tmp_path / "teacher"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "configs/toy_teacher.py:runlocal",
+                "--workdir",
+                str(workdir),
+                *args,
+            ]
+        )
+        == 0
+    )
+    pipe = load_pipeline(workdir / "student")
+    assert isinstance(pipe, ToyPipeline) and pipe.vocab == shapes.VOCAB
+    assert (
+        json.loads((workdir / "student" / "transformer" / "config.json").read_text())["dtype"]
+        == "bfloat16"
+    )
+    want = nnx.state(new_text_encoder(len(shapes.VOCAB), seed=0), nnx.Param)
+    for a, b in zip(leaves(nnx.state(pipe.t5, nnx.Param)), leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b.astype(jax.numpy.bfloat16).astype(np.float32))
+    images = generate(pipe, ["a red circle", ""], height=32, width=32, steps=2, guidance=None)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8

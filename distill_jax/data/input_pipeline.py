@@ -196,10 +196,10 @@ def global_batches(
     Global batch ``k`` is records ``order[k*B : (k+1)*B]`` of ``order``, the records shuffled
     with ``seed`` (a new permutation each epoch; a batch may straddle two epochs). A host reads
     only ``rows`` of each global batch (default: all of them): the rows its devices hold, from
-    :func:`distill_jax.train.host_rows`. So 1 process x 4 devices and 2 processes x 2 devices
-    see the same global batches, every record is read by exactly one host, and the iterator's
-    state (``{"next_index": k}``) is the same on every host and restores on any topology.
-    ``record_fn`` maps each stored record before batching.
+    :func:`distill_jax.data.training.host_rows`. So 1 process x 4 devices and 2 processes x 2
+    devices see the same global batches, every record is read by exactly one host, and the
+    iterator's state (``{"next_index": k}``) is the same on every host and restores on any
+    topology. ``record_fn`` maps each stored record before batching.
     """
     if global_batch < 1 or global_batch > len(source):
         raise ValueError(f"global_batch={global_batch} must be in [1, {len(source)} records]")

@@ -17,9 +17,10 @@ Composition is measured by holding out: :data:`HELD_OUT_PAIRS` (three colour-sha
 occur in the training split, nor does a fixed tenth of the other prompts; the ``eval`` split is
 exactly those prompts. Everything is a pure function of ``(seed, index)``.
 
-Pixels are uint8 ``[H, W, 3]``; the model sees them in [-1, 1] (:func:`to_model`). Shapes are
-rendered with 4x4 supersampling: a pixel is the background blended with its object's colour
-by the fraction of the pixel the object covers. Objects never touch (a gap of at least
+Pixels are uint8 ``[H, W, 3]``; the toy model sees them in [-1, 1]
+(:func:`distill_jax.pipeline.toy.to_latents`). Shapes are rendered with 4x4 supersampling: a
+pixel is the background blended with its object's colour by the fraction of the pixel the
+object covers. Objects never touch (a gap of at least
 :data:`GAP` pixels), so every object is one connected component of one colour (what
 :mod:`distill_jax.evaluate` relies on). Why a coarse grid: a diffusion model learns what a
 caption asks for from the average image the caption implies at high noise, and an object that can
@@ -268,16 +269,6 @@ def render(placed: Sequence[Placed], size: int = SIZE) -> np.ndarray:
     return np.round(img).astype(np.uint8)
 
 
-def to_model(images: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., H, W, 3]`` -> float32 in [-1, 1]."""
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
-def from_model(x: np.ndarray) -> np.ndarray:
-    """float ``[..., H, W, 3]`` in [-1, 1] -> uint8 (clipped, rounded)."""
-    return np.round(np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255)).astype(np.uint8)
-
-
 # --- the source -----------------------------------------------------------------------------
 
 
@@ -423,12 +414,10 @@ __all__ = [
     "all_prompts",
     "build_shapes_dataset",
     "eval_prompts",
-    "from_model",
     "is_held_out",
     "layout",
     "relation_holds",
     "render",
     "render_prompts",
     "split_prompts",
-    "to_model",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import jax
@@ -12,10 +11,6 @@ import jax.numpy as jnp
 from distill_jax.parameterization import F32, bcast, sample_logit_normal
 
 Array = jax.Array
-TimeSampler = Callable[[Array, tuple[int, ...]], Array]
-
-# Logit-normal(0, 1) flow times, the usual rectified-flow choice (SD3, FLUX fine-tuning).
-default_time_sampler: TimeSampler = partial(sample_logit_normal, mean=0.0, std=1.0)
 
 
 def flow_matching_loss(
@@ -24,7 +19,8 @@ def flow_matching_loss(
     key: Array,
     *,
     cond: Any = None,
-    time_sampler: TimeSampler = default_time_sampler,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
     s: Array | None = None,
     noise: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
@@ -35,7 +31,8 @@ def flow_matching_loss(
       x0: clean latents in standard units, [B, ...].
       key: PRNG key for the times and the noise.
       cond: conditioning pytree handed to ``velocity_fn`` unchanged.
-      time_sampler: ``(key, shape) -> s`` in (0, 1); logit-normal(0, 1) by default.
+      logit_mean, logit_std: flow times ``s ~ sigmoid(N(logit_mean, logit_std^2))``;
+        logit-normal(0, 1) by default, the usual rectified-flow choice (SD3, FLUX fine-tuning).
       s, noise: optional fixed flow times [B] and noise [B, ...] (override the sampling).
     Returns:
       ``(loss, {"fm/loss", "fm/mean_time"})``, float32 scalars; the mean is over all elements.
@@ -43,7 +40,7 @@ def flow_matching_loss(
     k_s, k_z = jax.random.split(key)
     x0 = x0.astype(F32)
     if s is None:
-        s = time_sampler(k_s, x0.shape[:1])
+        s = sample_logit_normal(k_s, x0.shape[:1], mean=logit_mean, std=logit_std)
     s = jnp.asarray(s, F32)
     eps = jax.random.normal(k_z, x0.shape, F32) if noise is None else noise.astype(F32)
     sb = bcast(s, x0)

@@ -131,6 +131,53 @@ class FluxConfig:
             axes_dim=(4, 6, 6),
         )
 
+    @classmethod
+    def mid(cls) -> FluxConfig:
+        """The benchmarks' model: FLUX's layout (64 input channels, 128-wide heads split 8/28/28
+        by the rotary axes at half size) at a width of 512 and 2 + 4 blocks, which a CPU runs
+        in seconds."""
+        return cls(
+            num_double=2,
+            num_single=4,
+            num_heads=8,
+            head_dim=64,
+            in_channels=64,
+            context_dim=512,
+            pooled_dim=256,
+            axes_dim=(8, 28, 28),
+        )
+
+    @classmethod
+    def toy(cls) -> FluxConfig:
+        """The toy teacher of the shapes world (:mod:`distill_jax.pipeline.toy`): 1 double + 2
+        single blocks of width 384 (6 heads of 64; 8.3M parameters) over 4x4 space-to-depth
+        pixels (48 channels, 192 packed) and a 64-wide text encoder. The width is well above a
+        token's 192 channels: the velocity carries the noise through the residual stream.
+        ``time_scale=1`` as the paper's rescaled teacher (spec 2.2), no guidance embedding, so
+        that sCM and MeanFlow distil it directly."""
+        return cls(
+            num_double=1,
+            num_single=2,
+            num_heads=6,
+            head_dim=64,
+            in_channels=192,
+            context_dim=64,
+            pooled_dim=64,
+            axes_dim=(8, 28, 28),
+            mlp_ratio=2.0,
+            guidance_embed=False,
+            time_scale=1.0,
+        )
+
+    PRESETS = ("flux1_dev", "flux1_schnell", "flux1_lite_8b", "mid", "tiny", "toy")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> FluxConfig:
+        """A preset by name (one of :data:`PRESETS`), with ``overrides`` applied."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"FluxConfig preset {name!r}; choose one of {cls.PRESETS}")
+        return getattr(cls, name)().replace(**overrides)
+
     _DIFFUSERS_KEYS = {
         "num_layers": "num_double",
         "num_single_layers": "num_single",

@@ -1,4 +1,8 @@
-"""Text to image: prompts -> encoders -> sampler -> VAE decode -> uint8 pixels.
+"""Text to image: prompts -> ``pipeline.encode`` -> sampler -> ``pipeline.decode`` -> uint8 pixels.
+
+The pipeline is FLUX's (:class:`~distill_jax.pipeline.pipeline.Pipeline`: T5 and CLIP, the VAE)
+or the toy's (:class:`~distill_jax.pipeline.toy.ToyPipeline`: a tiny text encoder, pixels as
+latents); the samplers see only the transformer and the packed latents.
 
 Three samplers over the same FLUX MMDiT (spec sections 5.2-5.4):
 
@@ -15,7 +19,7 @@ Times go to the model as flow times in [0, 1]; the model multiplies them by its 
 
 Shapes: B batch, C latent channels, h/w latent size, L = (h/2)(w/2) image tokens, S text tokens,
 H/W pixels. Each whole sampling loop is one ``jax.jit`` (a ``lax.scan`` over the schedule),
-compiled once per shape; so is the decoder.
+compiled once per shape; so is FLUX's decoder.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from flax import nnx
 from tqdm import tqdm
 
 from distill_jax import distributed
-from distill_jax.models.autoencoder import to_nhwc
 from distill_jax.parameterization import trigflow_velocity
 from distill_jax.pipeline import latents as lat
 from distill_jax.pipeline.pipeline import Pipeline
@@ -46,9 +49,12 @@ from distill_jax.pipeline.samplers import (
     scm_sample,
     scm_timesteps,
 )
-from distill_jax.pipeline.text import encode_prompts
+from distill_jax.pipeline.toy import ToyPipeline
 
 log = logging.getLogger(__name__)
+# What generate serves: both have encode(prompts, max_sequence_length), decode(packed, H, W),
+# check(), latent_channels and vae_scale_factor.
+AnyPipeline = Pipeline | ToyPipeline
 
 METHODS = ("teacher", "scm", "meanflow")
 # Bounds that refuse, before anything is loaded or compiled, requests that could only fail later
@@ -117,7 +123,7 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method={method!r}; choose one of {METHODS}")
 
 
-def _check_model(pipeline: Pipeline, method: str, guidance: float | None) -> None:
+def _check_model(pipeline: AnyPipeline, method: str, guidance: float | None) -> None:
     """Clear errors before tracing for a model/method/guidance combination that cannot run."""
     _check_method(method)
     model = pipeline.transformer
@@ -168,7 +174,7 @@ def _denoise(
 
 
 def denoise(
-    pipeline: Pipeline,
+    pipeline: AnyPipeline,
     noise: jax.Array | np.ndarray,
     t5: jax.Array,
     pooled: jax.Array,
@@ -185,7 +191,7 @@ def denoise(
 
     Args:
       noise: standard normal packed latents ``[B, L, 4C]`` (sCM scales it by sigma_d itself).
-      t5, pooled, txt_ids: from :func:`~distill_jax.pipeline.text.encode_prompts`.
+      t5, pooled, txt_ids: from ``pipeline.encode``.
       img_ids: ``[L, 3]`` from :func:`~distill_jax.pipeline.latents.image_ids`.
       method: ``"teacher"``, ``"scm"`` or ``"meanflow"``.
       steps: number of model calls; ignored when ``schedule`` is given.
@@ -225,21 +231,6 @@ def _denoise_args(pipeline, noise, t5, pooled, txt_ids, img_ids, schedule, guida
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, packed: jax.Array, h: int, w: int):
-    vae = nnx.merge(graphdef, state)
-    z = to_nhwc(lat.unpack(packed.astype(jnp.float32), h, w))  # [B, h, w, C]
-    x = vae.decode(vae.unscale_latents(z)).astype(jnp.float32)  # [B, H, W, 3] in ~[-1, 1]
-    # diffusers' VaeImageProcessor: (x / 2 + 0.5).clamp(0, 1), then * 255 rounded to even.
-    return jnp.round(jnp.clip(x / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
-def decode(pipeline: Pipeline, packed: jax.Array, height: int, width: int) -> np.ndarray:
-    """Packed diffusion latents ``[B, L, 4C]`` -> uint8 images ``[B, H, W, 3]``."""
-    h, w = lat.latent_size(height, width, vae_scale_factor=pipeline.vae_scale_factor)
-    return np.asarray(_decode(*nnx.split(pipeline.vae), packed, h, w))
-
-
 def _batches(n: int, batch_size: int | None) -> tuple[int, list[slice]]:
     bs = n if batch_size is None else batch_size
     if bs < 1:
@@ -256,7 +247,7 @@ def _pad(x: np.ndarray | list, size: int):
 
 
 def initial_noise(
-    pipeline: Pipeline, n: int, height: int, width: int, seed: int, init_noise=None
+    pipeline: AnyPipeline, n: int, height: int, width: int, seed: int, init_noise=None
 ) -> np.ndarray:
     """``[n, C, h, w]`` float32 noise: ``jax.random.normal(PRNGKey(seed), ...)``, or
     ``init_noise`` checked against that shape."""
@@ -280,7 +271,7 @@ def initial_noise(
 
 
 def generate(
-    pipeline: Pipeline,
+    pipeline: AnyPipeline,
     prompts: str | Sequence[str],
     *,
     height: int = 512,
@@ -292,8 +283,11 @@ def generate(
     method: str = "teacher",
     max_sequence_length: int = 256,
     batch_size: int | None = None,
+    timings: list[float] | None = None,
 ) -> np.ndarray:
-    """Images for ``N`` prompts: uint8 ``[N, height, width, 3]``.
+    """Images for ``N`` prompts: uint8 ``[N, height, width, 3]``, from a
+    :class:`~distill_jax.pipeline.pipeline.Pipeline` or a
+    :class:`~distill_jax.pipeline.toy.ToyPipeline` alike.
 
     Args:
       prompts: one prompt or ``N`` prompts (one image each).
@@ -306,9 +300,11 @@ def generate(
       init_noise: ``[N, C, h, w]`` float32 standard normal noise in the unpacked VAE-latent
         layout, as diffusers draws it.
       method: ``"teacher"``, ``"scm"`` or ``"meanflow"`` (see the module docstring).
-      max_sequence_length: T5 tokens ``S``.
+      max_sequence_length: T5 tokens ``S`` (the toy's text length is its world's).
       batch_size: prompts per sampler call (default all); the last batch is padded so that every
         call has one shape and compiles once.
+      timings: if given, receives each batch's wall seconds of sampling and decoding (the
+        sampler is compiled beforehand; the first batch includes the decoder's compilation).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -353,9 +349,7 @@ def generate(
     step_key = jax.random.fold_in(key, 1)
     images = []
     for i, sl in enumerate(tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2)):
-        t5, pooled, txt_ids = encode_prompts(
-            pipeline, _pad(prompts[sl], bs), max_sequence_length=max_sequence_length
-        )
+        t5, pooled, txt_ids = pipeline.encode(_pad(prompts[sl], bs), max_sequence_length)
         args = _denoise_args(
             pipeline,
             _pad(noise[sl], bs),
@@ -375,12 +369,14 @@ def generate(
         packed = jax.block_until_ready(_denoise(*args, method=method))
         if i == 0:
             log.info("generate: sampling %d image(s) took %.2f s", bs, time.perf_counter() - start)
-        images.append(decode(pipeline, packed, height, width)[: sl.stop - sl.start])
+        images.append(pipeline.decode(packed, height, width)[: sl.stop - sl.start])
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
     return np.concatenate(images)
 
 
 def generate_to_folder(
-    pipeline: Pipeline,
+    pipeline: AnyPipeline,
     prompts: Sequence[str],
     out_dir: str | Path,
     *,
@@ -446,8 +442,8 @@ def generate_to_folder(
 
 __all__ = [
     "METHODS",
+    "AnyPipeline",
     "check_request",
-    "decode",
     "default_schedule",
     "denoise",
     "generate",

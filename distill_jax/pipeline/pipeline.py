@@ -1,7 +1,8 @@
 """The text-to-image pipeline: the four FLUX networks and the two tokenizers, nothing else.
 
-A plain container, as diffusers' ``FluxPipeline`` minus the scheduler (the schedules are functions
-in :mod:`distill_jax.pipeline.samplers`). Build one from converted weights (``load_pipeline``) or,
+A container with the two ends of sampling (``encode`` prompts, ``decode`` latents), as
+diffusers' ``FluxPipeline`` minus the scheduler (the schedules are functions in
+:mod:`distill_jax.pipeline.samplers`). Build one from converted weights (``load_pipeline``) or,
 in tests, from diffusers/transformers modules through :mod:`distill_jax.port`. Torch never enters
 the library: conversion happens before a Pipeline exists.
 """
@@ -9,12 +10,30 @@ the library: conversion happens before a Pipeline exists.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from typing import Any
 
-from distill_jax.models.autoencoder import Autoencoder
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distill_jax.models.autoencoder import Autoencoder, to_nhwc
 from distill_jax.models.clip import CLIPTextEncoder
 from distill_jax.models.flux import Flux
 from distill_jax.models.t5 import T5Encoder
+from distill_jax.pipeline import latents as lat
+from distill_jax.pipeline.text import encode_prompts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, packed: jax.Array, h: int, w: int):
+    vae = nnx.merge(graphdef, state)
+    z = to_nhwc(lat.unpack(packed.astype(jnp.float32), h, w))  # [B, h, w, C]
+    x = vae.decode(vae.unscale_latents(z)).astype(jnp.float32)  # [B, H, W, 3] in ~[-1, 1]
+    # diffusers' VaeImageProcessor: (x / 2 + 0.5).clamp(0, 1), then * 255 rounded to even.
+    return jnp.round(jnp.clip(x / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 @dataclasses.dataclass
@@ -41,6 +60,19 @@ class Pipeline:
     def latent_channels(self) -> int:
         """Channels ``C`` of the unpacked latent (16 for FLUX); the transformer sees ``4C``."""
         return self.transformer.cfg.in_channels // 4
+
+    def encode(
+        self, prompts: str | Sequence[str], max_sequence_length: int = 256
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(t5 [B, S, D_t5], pooled [B, D_clip], txt_ids [S, 3])`` of ``B`` prompts, with
+        ``S = max_sequence_length`` (:func:`~distill_jax.pipeline.text.encode_prompts`)."""
+        return encode_prompts(self, prompts, max_sequence_length=max_sequence_length)
+
+    def decode(self, packed: jax.Array, height: int, width: int) -> np.ndarray:
+        """Packed diffusion latents ``[B, L, 4C]`` -> uint8 images ``[B, H, W, 3]`` through the
+        VAE (one ``jax.jit`` per shape)."""
+        h, w = lat.latent_size(height, width, vae_scale_factor=self.vae_scale_factor)
+        return np.asarray(_decode(*nnx.split(self.vae), packed, h, w))
 
     def check(self) -> None:
         """Raises ``ValueError`` when the parts do not fit together (widths, channels)."""

@@ -22,8 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill_jax.pipeline.pipeline import Pipeline
-
 log = logging.getLogger(__name__)
 
 # Files a tokenizer folder needs: any one of the groups (the slow files or tokenizers' JSON).
@@ -91,9 +89,10 @@ def _t5_hidden(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.
 
 
 def encode_prompts(
-    pipeline: Pipeline, prompts: str | Sequence[str], *, max_sequence_length: int = 256
+    pipeline: Any, prompts: str | Sequence[str], *, max_sequence_length: int = 256
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Text conditioning of FLUX for ``B`` prompts.
+    """Text conditioning of FLUX for ``B`` prompts, through the tokenizers and encoders of a
+    :class:`~distill_jax.pipeline.pipeline.Pipeline` (``Pipeline.encode`` calls this).
 
     Returns ``(t5 [B, S, D_t5], pooled [B, D_clip], txt_ids [S, 3])`` with
     ``S = max_sequence_length``; embeddings in the encoders' compute dtype, ids float32 zeros.

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from distill_jax.models.autoencoder import (
     Autoencoder,
@@ -21,8 +19,8 @@ from distill_jax.models.autoencoder import (
     down_block_channels,
     up_block_channels,
 )
-from distill_jax.port.params import flat_params, from_flat_params, param_shapes
-from distill_jax.port.table import CONV, Rule, linear, rule, to_source, to_target
+from distill_jax.port.params import flat_params, from_state_dict
+from distill_jax.port.table import CONV, Rule, linear, rule, to_source
 
 
 def _conv(target: str, source: str | None = None) -> list[Rule]:
@@ -86,25 +84,14 @@ def autoencoder_rules(cfg: AutoencoderConfig) -> list[Rule]:
 
 
 def autoencoder_from_diffusers(
-    state_dict: Mapping[str, Any],
-    cfg: AutoencoderConfig,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+    state_dict: Mapping[str, Any], cfg: AutoencoderConfig, **kw: Any
 ) -> Autoencoder:
-    """An :class:`Autoencoder` holding the weights of a diffusers ``AutoencoderKL`` state dict.
-
-    ``state_dict`` maps diffusers keys to NumPy-convertible arrays (e.g. ``{k: t.numpy()}`` or a
-    lazy safetensors mapping). Every key, missing or extra, and every shape is checked up front;
-    all problems are raised together as one ``PortError``.
-    """
-
-    def build() -> Autoencoder:
-        return Autoencoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-
-    abstract = nnx.eval_shape(build)
-    flat = to_target(state_dict, autoencoder_rules(cfg), param_shapes(abstract), what="autoencoder")
-    return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
+    """An :class:`Autoencoder` holding the weights of a diffusers ``AutoencoderKL`` state dict
+    (NumPy-convertible arrays, e.g. ``{k: t.numpy()}``, or a lazy safetensors mapping); ``kw`` go
+    to its constructor (``dtype``, ``param_dtype``). Every key, missing or extra, and every shape
+    is checked up front; all problems are raised together as one ``PortError``."""
+    rules = autoencoder_rules(cfg)
+    return from_state_dict(Autoencoder, cfg, state_dict, rules, what="autoencoder", **kw)
 
 
 def autoencoder_to_diffusers(model: Autoencoder) -> dict[str, np.ndarray]:

@@ -13,14 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from distill_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
-from distill_jax.port.params import flat_params, from_flat_params, param_shapes
+from distill_jax.port.params import flat_params, from_state_dict
 from distill_jax.port.t5 import SourceView
-from distill_jax.port.table import PortError, Rule, linear, rule, to_source, to_target
+from distill_jax.port.table import PortError, Rule, linear, rule, to_source
 
 WHAT = "CLIP text encoder"
 PREFIX = "text_model."
@@ -63,24 +61,13 @@ def canonical_state_dict(state_dict: Mapping[str, Any], cfg: CLIPTextConfig) -> 
 
 
 def clip_from_transformers(
-    state_dict: Mapping[str, Any],
-    cfg: CLIPTextConfig,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+    state_dict: Mapping[str, Any], cfg: CLIPTextConfig, **kw: Any
 ) -> CLIPTextEncoder:
-    """A :class:`CLIPTextEncoder` holding the weights of a ``CLIPTextModel`` state dict.
-
-    Raises :class:`PortError` listing every missing, unexpected or mis-shaped key.
-    """
-
-    def make() -> CLIPTextEncoder:
-        return CLIPTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-
-    abstract = nnx.eval_shape(make)
-    shapes = param_shapes(abstract)
-    flat = to_target(canonical_state_dict(state_dict, cfg), clip_rules(cfg), shapes, what=WHAT)
-    return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
+    """A :class:`CLIPTextEncoder` holding the weights of a ``CLIPTextModel`` state dict; ``kw``
+    go to its constructor (``dtype``, ``param_dtype``). Raises :class:`PortError` listing every
+    missing, unexpected or mis-shaped key."""
+    sd = canonical_state_dict(state_dict, cfg)
+    return from_state_dict(CLIPTextEncoder, cfg, sd, clip_rules(cfg), what=WHAT, **kw)
 
 
 def clip_to_transformers(model: CLIPTextEncoder) -> dict[str, np.ndarray]:

@@ -10,13 +10,13 @@ embedder) and ``logvar_linear.*`` (sCM's log-variance head). See ``shared/spec/f
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from distill_jax.models.flux import Flux, FluxConfig
-from distill_jax.port.params import flat_params, from_flat_params, param_shapes
+from distill_jax.port.params import flat_params, from_state_dict
 from distill_jax.port.table import (
     SWAP_SCALE_SHIFT_BIAS,
     SWAP_SCALE_SHIFT_LINEAR,
@@ -25,7 +25,6 @@ from distill_jax.port.table import (
     linear,
     rule,
     to_source,
-    to_target,
 )
 
 
@@ -153,26 +152,17 @@ def abstract_flux(cfg: FluxConfig, **kw) -> Flux:
     return nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), **kw))
 
 
-def _build(cfg: FluxConfig, flat: dict[str, np.ndarray], **kw) -> Flux:
-    return from_flat_params(abstract_flux(cfg, **kw), flat)
+def flux_from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: FluxConfig, **kw: Any) -> Flux:
+    """A :class:`Flux` from a diffusers (or T2I-Distill) state dict of NumPy arrays; ``kw`` go to
+    its constructor (``param_dtype``, ``attn_impl``, ...)."""
+    return from_state_dict(
+        Flux, cfg, state_dict, diffusers_rules(cfg), what="FLUX from diffusers", **kw
+    )
 
 
-def flux_from_diffusers(
-    state_dict: Mapping[str, np.ndarray], cfg: FluxConfig, *, param_dtype=jnp.float32, **kw
-) -> Flux:
-    """A :class:`Flux` from a diffusers (or T2I-Distill) state dict of NumPy arrays."""
-    shapes = param_shapes(abstract_flux(cfg, param_dtype=param_dtype, **kw))
-    flat = to_target(state_dict, diffusers_rules(cfg), shapes, what="FLUX from diffusers")
-    return _build(cfg, flat, param_dtype=param_dtype, **kw)
-
-
-def flux_from_bfl(
-    state_dict: Mapping[str, np.ndarray], cfg: FluxConfig, *, param_dtype=jnp.float32, **kw
-) -> Flux:
+def flux_from_bfl(state_dict: Mapping[str, np.ndarray], cfg: FluxConfig, **kw: Any) -> Flux:
     """A :class:`Flux` from a BFL single-file state dict of NumPy arrays."""
-    shapes = param_shapes(abstract_flux(cfg, param_dtype=param_dtype, **kw))
-    flat = to_target(state_dict, bfl_rules(cfg), shapes, what="FLUX from BFL")
-    return _build(cfg, flat, param_dtype=param_dtype, **kw)
+    return from_state_dict(Flux, cfg, state_dict, bfl_rules(cfg), what="FLUX from BFL", **kw)
 
 
 def flux_to_diffusers(model: Flux) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Checkpoint formats: recognising a source, inferring a FLUX structure from its tensors, and
 opening its components' tensors lazily (diffusers folders, BFL single files, T2I-Distill .pt).
 
-Used by :mod:`distill_jax.convert`; nothing here writes.
+Used by :mod:`distill_jax.convert` and :mod:`distill_jax.folders`; nothing here writes.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ COMPONENTS = {
 # --- reading sources --------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a one-line error naming the file otherwise."""
     try:
         out = json.loads(path.read_text())
     except FileNotFoundError:
@@ -245,7 +246,9 @@ def flux_config(
 
 
 @dataclasses.dataclass
-class _Source:
+class Source:
+    """One component to convert: its lazy tensors, config, key table and where they came from."""
+
     component: str
     tensors: Any  # a lazy reader: SafetensorsFile, ShardedSafetensors or TorchStateDict
     cfg: Any
@@ -266,8 +269,8 @@ def _time_scale(arg: float | None, fmt: str, cfg_json: Mapping, where: Path | No
     return 1.0 if fmt == "t2i-distill" else 1000.0  # the paper's students are x1 models
 
 
-def _folder_source(folder: Path, component: str | None, time_scale: float | None) -> _Source:
-    cfg_json = _read_json(folder / "config.json")
+def _folder_source(folder: Path, component: str | None, time_scale: float | None) -> Source:
+    cfg_json = read_json(folder / "config.json")
     classes = {cfg_json.get("_class_name"), *(cfg_json.get("architectures") or [])}
     name = next((n for n, c in COMPONENTS.items() if c.torch_class in classes), None)
     if name is None or (component and name != component):
@@ -299,16 +302,16 @@ def _folder_source(folder: Path, component: str | None, time_scale: float | None
             given_from=folder / "config.json",
         )
     files = [folder / "config.json", *tensors.files]
-    return _Source(name, tensors, cfg, COMPONENTS[name].rules(cfg), folder, files)
+    return Source(name, tensors, cfg, COMPONENTS[name].rules(cfg), folder, files)
 
 
-def _open_sources(
+def open_sources(
     src: Path,
     fmt: str,
     components: Sequence[str] | None,
     config: Path | None,
     time_scale: float | None,
-) -> tuple[list[_Source], list[Path]]:
+) -> tuple[list[Source], list[Path]]:
     """The components to convert, and the folders to copy along."""
     if src.is_dir() and fmt != "diffusers":
         raise ValueError(f"--format {fmt} reads a single file; {src} is a folder")
@@ -320,7 +323,7 @@ def _open_sources(
             if components and list(components) != [source.component]:
                 raise ValueError(f"{src} holds only the {source.component}, not {components}")
             return [source], []
-        index = _read_json(src / "model_index.json")
+        index = read_json(src / "model_index.json")
         present = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][-1]]
         missing = [c for c in components or () if c not in present]
         if missing:
@@ -333,7 +336,7 @@ def _open_sources(
     naming = _naming(tensors, src)
     if fmt != "t2i-distill" and naming != fmt:
         raise ValueError(f"--format {fmt}, but {src} holds {naming}-named keys")
-    cfg_json = _read_json(config) if config else {}
+    cfg_json = read_json(config) if config else {}
     cfg = flux_config(
         tensors,
         where=src,
@@ -343,4 +346,4 @@ def _open_sources(
     )
     rules = bfl_rules(cfg) if naming == "bfl" else diffusers_rules(cfg)
     files = [src] + ([config] if config else [])
-    return [_Source("transformer", tensors, cfg, rules, src, files)], []
+    return [Source("transformer", tensors, cfg, rules, src, files)], []

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
+
+from distill_jax.port.table import PortError, Rule, to_target
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 def _key(path: tuple) -> str:
@@ -40,8 +45,6 @@ def _check(leaves: Mapping[str, nnx.Variable], flat: Mapping[str, np.ndarray]) -
         if k in flat and tuple(np.shape(flat[k])) != tuple(v.get_value().shape)
     ]
     if problems:
-        from distill_jax.port.table import PortError
-
         raise PortError("loading parameters", problems)
 
 
@@ -69,3 +72,25 @@ def from_flat_params(abstract: nnx.Module, flat: Mapping[str, np.ndarray]) -> nn
             raise TypeError(f"{k!r} is a {type(v).__name__}, only nnx.Param leaves can be filled")
         v.set_value(jax.numpy.asarray(flat[k], dtype=v.get_value().dtype))
     return nnx.merge(graphdef, state)
+
+
+def from_state_dict(
+    model: type[M],
+    cfg: Any,
+    state_dict: Mapping[str, Any],
+    rules: Sequence[Rule],
+    *,
+    what: str,
+    **kw: Any,
+) -> M:
+    """``model(cfg, **kw)`` holding the tensors of ``state_dict`` (NumPy-convertible arrays, or a
+    lazy mapping) mapped through the key table ``rules``.
+
+    No random initialisation is run: the model is built abstract (``nnx.eval_shape``) and every
+    leaf comes from the state dict, cast to ``param_dtype``. Raises :class:`PortError` listing
+    every missing, unexpected or mis-shaped key.
+    """
+    abstract = nnx.eval_shape(lambda: model(cfg, rngs=nnx.Rngs(0), **kw))
+    return from_flat_params(
+        abstract, to_target(state_dict, rules, param_shapes(abstract), what=what)
+    )

@@ -1,31 +1,35 @@
 """Streaming safetensors: read one tensor at a time, write one tensor at a time.
 
+Reading is the ``safetensors`` library's ``safe_open(path, framework="numpy", backend="pread")``:
+it checks every claim of the header against the file when it is opened (dtype, shape x item size
+= byte span, offsets tiling the buffer exactly, the buffer's length), and reads each tensor with
+``pread(2)`` into a fresh array. Not the default ``mmap`` backend: pages of a map stay resident,
+and counted in the process's memory, for as long as the map lives, so converting a 24 GB
+checkpoint through one would look like (and under pressure be) a 24 GB process. The library's
+errors name neither the file nor (mostly) the tensor, so a refused file is read again here to say
+which and why (:func:`_diagnose`). bfloat16 and float8 arrays come out as ``ml_dtypes`` types
+(importing ``ml_dtypes`` registers their names with NumPy).
+
 The format (huggingface/safetensors): an 8-byte little-endian header length ``N``, ``N`` bytes of
 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
 then the data buffer; offsets are relative to the buffer, and the tensors tile it exactly, in
-order, without gaps. Every claim of the header is checked against the file when it is opened
-(dtype, shape x item size = byte span, tiling, buffer length), so a truncated file or a header that
-lies about sizes fails before any conversion work, naming the file and the tensor.
-
-Reads go into a fresh array per tensor (``os.preadv``), not through a memory map: pages of a map
-stay resident, and counted in the process's memory, for as long as the map lives, so converting a
-24 GB checkpoint through one would look like (and under pressure be) a 24 GB process. bfloat16
-and float8 come from ``ml_dtypes``, which jax depends on.
+order, without gaps. Writing stays here (:func:`write_sharded`): the library's writers take every
+tensor of a file at once (``save_file`` a dict, ``serialize_file`` pointers to live buffers), so a
+10 GB shard would need 10 GB of memory; ours writes the header from the specs and then each tensor
+as it arrives.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import struct
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import safetensors
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -46,7 +50,6 @@ DTYPES: dict[str, np.dtype] = {
 }
 CODES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
-_READ_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per read call
 
 Spec = tuple[str, np.dtype, tuple[int, ...]]  # (key, dtype, shape) of a tensor to write
 
@@ -55,145 +58,113 @@ class SafetensorsError(ValueError):
     """A safetensors file is malformed; the message names the file and what is wrong."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    nbytes: int
-
-
-def _problems_in_entry(key: str, entry: object) -> tuple[list[str], TensorInfo | None]:
+def _entry_problem(key: str, entry: object) -> str | None:
     if not isinstance(entry, dict):
-        return [f"{key!r}: entry is {type(entry).__name__}, not an object"], None
+        return f"{key!r}: entry is {type(entry).__name__}, not an object"
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if code not in DTYPES:
-        return [f"{key!r}: unknown dtype {code!r} (known: {sorted(DTYPES)})"], None
+        return f"{key!r}: unknown dtype {code!r} (known: {sorted(DTYPES)})"
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        return [f"{key!r}: shape {shape!r} is not a list of non-negative integers"], None
+        return f"{key!r}: shape {shape!r} is not a list of non-negative integers"
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(type(o) is int for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
-        return [f"{key!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end"], None
-    dtype = DTYPES[code]
-    nbytes = math.prod(shape) * dtype.itemsize
+        return f"{key!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end"
+    nbytes = math.prod(shape) * DTYPES[code].itemsize
     if offsets[1] - offsets[0] != nbytes:
-        return [
+        return (
             f"{key!r}: {code}{list(shape)} needs {nbytes} bytes but data_offsets {offsets} span "
             f"{offsets[1] - offsets[0]}"
-        ], None
-    return [], TensorInfo(dtype, tuple(shape), offsets[0], nbytes)
+        )
+    return None
 
 
-def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """``({key: TensorInfo}, __metadata__)`` of a safetensors file, every claim checked.
-
-    Raises :class:`SafetensorsError` listing every problem (a truncated file, invalid JSON, an
-    unknown dtype, a shape whose size disagrees with its offsets, gaps, overlaps, trailing bytes).
-    """
-    path = Path(path)
+def _diagnose(path: Path) -> str | None:
+    """Why the library refused ``path``, where its message would not name the tensor: a shape,
+    dtype or offsets entry that lies (each one named), data cut short, or JSON it cannot parse.
+    None otherwise (a header length that does not fit, gaps, overlaps, trailing bytes, bad
+    metadata: the library's own message says it, with the tensor where there is one)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsError(f"{path}: {size} bytes is too short for a safetensors file")
-        (n,) = struct.unpack("<Q", head)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise SafetensorsError(
-                f"{path}: header length {n} does not fit the file ({size} bytes): truncated, "
-                "or not a safetensors file"
-            )
+            return None
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SafetensorsError(f"{path}: header is not valid JSON ({err})") from None
+        return f"header is not valid JSON ({err})"
     except RecursionError:
-        raise SafetensorsError(f"{path}: header JSON is nested too deeply") from None
+        return "header JSON is nested too deeply"
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
-    problems, infos = [], {}
-    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        problems.append(f"__metadata__ {str(metadata)[:80]} is not an object of strings")
-        metadata = {}
-    for key, entry in header.items():
-        found, info = _problems_in_entry(key, entry)
-        problems += found
-        if info is not None:
-            infos[key] = info
+        return None
+    header.pop("__metadata__", None)
+    found = {key: _entry_problem(key, entry) for key, entry in header.items()}
+    problems = [p for p in found.values() if p]
     buffer = size - 8 - n
-    end = 0
-    for key, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
-        if info.start != end:
-            problems.append(
-                f"{key!r} starts at data byte {info.start}, expected {end} "
-                f"({'a gap' if info.start > end else 'it overlaps the previous tensor'})"
-            )
-        end = max(end, info.start + info.nbytes)
-        if info.start + info.nbytes > buffer:
-            problems.append(
-                f"{key!r} ends at data byte {info.start + info.nbytes} but the file holds only "
-                f"{buffer} data bytes: the file is truncated"
-            )
-    if not problems and end < buffer:
-        problems.append(
-            f"{buffer - end} bytes after the last tensor: the header does not cover them"
-        )
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise SafetensorsError(
-            f"{path}: corrupt safetensors header, {len(problems)} problem(s)\n{lines}"
-        )
-    start = 8 + n
-    infos = {k: dataclasses.replace(v, start=start + v.start) for k, v in infos.items()}
-    return infos, metadata
+    problems += [
+        f"{key!r} ends at data byte {header[key]['data_offsets'][1]} but the file holds only "
+        f"{buffer} data bytes: the file is truncated"
+        for key, problem in found.items()
+        if not problem and header[key]["data_offsets"][1] > buffer
+    ]
+    if not problems:
+        return None
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"corrupt safetensors header, {len(problems)} problem(s)\n{lines}"
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
     """A lazy, read-only mapping over one safetensors file; ``f[key]`` reads that tensor only.
 
     Also gives ``shape_of``, ``dtype_of`` and ``file_of`` from the header, without reading data.
+    Raises :class:`SafetensorsError` naming the file (and the tensor) when the library refuses it.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.infos, self.metadata = read_header(self.path)
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self.close = weakref.finalize(self, os.close, self._fd)  # also at garbage collection
+        try:
+            self._file = safetensors.safe_open(self.path, framework="numpy", backend="pread")
+        except safetensors.SafetensorError as err:
+            why = _diagnose(self.path) or f"not a readable safetensors file ({err})"
+            raise SafetensorsError(f"{self.path}: {why}") from None
+        self.metadata = self._file.metadata() or {}
+        self._specs = {}
+        for key in self._file.offset_keys():
+            view = self._file.get_slice(key)
+            if view.get_dtype() not in DTYPES:
+                raise SafetensorsError(
+                    f"{self.path}: {key!r} is {view.get_dtype()}, which is not read "
+                    f"(known: {sorted(DTYPES)})"
+                )
+            self._specs[key] = (DTYPES[view.get_dtype()], tuple(view.get_shape()))
 
     def __getitem__(self, key: str) -> np.ndarray:
-        info = self.infos[key]
-        out = np.empty(info.shape, info.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        done = 0
-        while done < info.nbytes:
-            got = os.preadv(self._fd, [view[done : done + _READ_CHUNK]], info.start + done)
-            if got == 0:
-                raise SafetensorsError(
-                    f"{self.path}: {key!r} is cut short at byte {done} of {info.nbytes} "
-                    "(the file shrank after it was opened)"
-                )
-            done += got
-        return out
+        if key not in self._specs:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except safetensors.SafetensorError as err:  # e.g. the file shrank after it was opened
+            raise SafetensorsError(f"{self.path}: cannot read {key!r} ({err})") from None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.infos)
+        return iter(self._specs)
 
     def __len__(self) -> int:
-        return len(self.infos)
+        return len(self._specs)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.infos
+        return key in self._specs
 
     def shape_of(self, key: str) -> tuple[int, ...]:
-        return self.infos[key].shape
+        return self._specs[key][1]
 
     def dtype_of(self, key: str) -> np.dtype:
-        return self.infos[key].dtype
+        return self._specs[key][0]
 
     def file_of(self, key: str) -> str:
         return self.path.name
@@ -283,10 +254,6 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
     @property
     def files(self) -> list[Path]:
         return [self.index_path] + [s.path for s in self.shards.values()]
-
-    def close(self) -> None:
-        for s in self.shards.values():
-            s.close()
 
 
 def open_safetensors(path: str | Path) -> SafetensorsFile | ShardedSafetensors:

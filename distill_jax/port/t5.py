@@ -11,13 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from distill_jax.models.t5 import T5Config, T5Encoder
-from distill_jax.port.params import flat_params, from_flat_params, param_shapes
-from distill_jax.port.table import PortError, Rule, Transform, linear, rule, to_source, to_target
+from distill_jax.port.params import flat_params, from_state_dict
+from distill_jax.port.table import PortError, Rule, Transform, linear, rule, to_source
 
 WHAT = "T5 encoder"
 TIED = ("shared.weight", "encoder.embed_tokens.weight")
@@ -96,25 +94,12 @@ def alias_tied_embeddings(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return SourceView(state_dict, keys)
 
 
-def t5_from_transformers(
-    state_dict: Mapping[str, Any],
-    cfg: T5Config,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-) -> T5Encoder:
-    """A :class:`T5Encoder` holding the weights of a ``T5EncoderModel`` state dict.
-
-    Raises :class:`PortError` listing every missing, unexpected or mis-shaped key.
-    """
-
-    def make() -> T5Encoder:
-        return T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-
-    abstract = nnx.eval_shape(make)
-    shapes = param_shapes(abstract)
-    flat = to_target(alias_tied_embeddings(state_dict), t5_rules(cfg), shapes, what=WHAT)
-    return from_flat_params(abstract, flat)  # no random init; casts to param_dtype
+def t5_from_transformers(state_dict: Mapping[str, Any], cfg: T5Config, **kw: Any) -> T5Encoder:
+    """A :class:`T5Encoder` holding the weights of a ``T5EncoderModel`` state dict; ``kw`` go to
+    its constructor (``dtype``, ``param_dtype``). Raises :class:`PortError` listing every
+    missing, unexpected or mis-shaped key."""
+    sd = alias_tied_embeddings(state_dict)
+    return from_state_dict(T5Encoder, cfg, sd, t5_rules(cfg), what=WHAT, **kw)
 
 
 def t5_to_transformers(model: T5Encoder) -> dict[str, np.ndarray]:
