@@ -23,7 +23,6 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.models.flux import FluxConfig  # noqa: E402
 from distill_jax.port.flux import abstract_flux, diffusers_rules  # noqa: E402
 from distill_jax.port.params import param_shapes  # noqa: E402

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import jax
@@ -30,7 +28,6 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.models.attention import Blockwise, attention  # noqa: E402
 from distill_jax.models.flux import DoubleBlock, FluxConfig  # noqa: E402
 

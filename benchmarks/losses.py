@@ -20,8 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -30,10 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from common import median_seconds  # noqa: E402
 from flax import nnx  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.config import base_config  # noqa: E402
 from distill_jax.methods import make_loss_fn, model_configs  # noqa: E402
 from distill_jax.models.flux import Flux, FluxConfig  # noqa: E402
@@ -116,18 +113,6 @@ def batch_and_aux(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.nd
         "uncond_t5": normal(TEXT, MID.context_dim),
         "uncond_pooled": normal(MID.pooled_dim),
     }
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, desc: str) -> float:
-    """Median wall time of ``fn``, which blocks until its result is ready. No warm-up call: JAX
-    steps are compiled ahead of time, and at this size a first eager PyTorch step measured the
-    same as later ones (a warm-up would cost a whole step of a few-minute budget)."""
-    times = []
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def loss_and_grad_seconds(

@@ -5,10 +5,6 @@ The MeanFlow run of benchmarks/scm_vs_torch.py (its docstring describes both sid
     .venv/bin/python benchmarks/meanflow_vs_torch.py [--repeats 3] [--jvp-attn-impl blockwise|xla]
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scm_vs_torch import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -19,38 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import flux_inputs  # noqa: E402
 from flax import nnx
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.models.flux import REMAT_POLICIES, Flux, FluxConfig  # noqa: E402
 
 CFG = FluxConfig.mid()
 BATCH, GRID, TEXT = 2, (32, 32), 128
 MB = 1e6
-
-
-def inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    h, w = GRID
-    ids = np.zeros((h, w, 3), np.float32)
-    ids[..., 1], ids[..., 2] = np.arange(h)[:, None], np.arange(w)[None]
-    return dict(
-        hidden_states=rng.standard_normal((BATCH, h * w, CFG.in_channels), np.float32),
-        encoder_hidden_states=rng.standard_normal((BATCH, TEXT, CFG.context_dim), np.float32),
-        pooled_projections=rng.standard_normal((BATCH, CFG.pooled_dim), np.float32),
-        timestep=np.full((BATCH,), 0.5, np.float32),
-        img_ids=ids.reshape(-1, 3),
-        txt_ids=np.zeros((TEXT, 3), np.float32),
-        guidance=np.full((BATCH,), 3.5, np.float32),
-    )
 
 
 def nbytes(tree) -> int:
@@ -92,7 +75,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    x = jax.device_put(inputs(rng))
+    x = jax.device_put(flux_inputs(CFG, BATCH, GRID, TEXT, rng))
     target = jnp.asarray(rng.standard_normal((BATCH, GRID[0] * GRID[1], CFG.out), np.float32))
 
     results = {}

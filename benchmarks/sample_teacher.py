@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import median_seconds  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -35,7 +34,6 @@ from diffusers import (  # noqa: E402
     FluxTransformer2DModel,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax.models.autoencoder import AutoencoderConfig  # noqa: E402
 from distill_jax.models.flux import FluxConfig  # noqa: E402
 from distill_jax.pipeline import latents as lat  # noqa: E402
@@ -66,15 +64,6 @@ SCHEDULER = dict(  # FLUX.1-dev scheduler_config.json
     max_image_seq_len=4096,
 )
 TEXT, GUIDANCE = 64, 3.5
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -153,15 +142,15 @@ def main() -> None:
     start = time.perf_counter()
     ours_images()
     first_images = time.perf_counter() - start
-    ours_lat_s = median_time(ours_latents, args.repeats)
-    ours_img_s = median_time(ours_images, args.repeats)
+    ours_lat_s = median_seconds(ours_latents, args.repeats)
+    ours_img_s = median_seconds(ours_images, args.repeats)
     torch_times = {}
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
         theirs("latent")  # warm-up
         torch_times[threads] = (
-            median_time(lambda: theirs("latent"), args.repeats),
-            median_time(lambda: theirs("np"), args.repeats),
+            median_seconds(lambda: theirs("latent"), args.repeats),
+            median_seconds(lambda: theirs("np"), args.repeats),
         )
     best_threads = min(torch_times, key=lambda t: torch_times[t][1])
     theirs_lat_s, theirs_img_s = torch_times[best_threads]

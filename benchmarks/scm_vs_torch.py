@@ -34,9 +34,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import torch_reference as ref  # noqa: E402
+from common import median_seconds  # noqa: E402
 from losses import (  # noqa: E402
     BATCH,
     DESCRIPTION,
@@ -44,7 +44,6 @@ from losses import (  # noqa: E402
     MID,
     TEXT,
     add_jvp_attn_flag,
-    median_seconds,
 )
 from train_step import compiled_step  # noqa: E402
 

@@ -17,20 +17,16 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 
 import jax
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_seconds  # noqa: E402
 from losses import (  # noqa: E402
     DESCRIPTION,
     TOKENS,
     add_jvp_attn_flag,
     batch_and_aux,
-    median_seconds,
     mid_config,
     models,
 )
