@@ -337,21 +337,25 @@ def load_pipeline(
     return pipeline
 
 
+def toy_world(path: str | Path) -> tuple[tuple[str, ...], int, int]:
+    """``(vocab, text_len, patch)`` of the toy pipeline folder at ``path``: its ``toy.json``."""
+    meta_path = Path(path) / toy.META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} holds no {toy.META_FILE}: not a toy pipeline folder")
+    world = read_json(meta_path).get("world")
+    try:
+        return tuple(world["vocab"]), int(world["text_len"]), int(world["patch"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{meta_path}: 'world' needs vocab, text_len and patch") from None
+
+
 def load_toy(
     path: str | Path, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | None = None
 ) -> toy.ToyPipeline:
     """The toy pipeline folder at ``path`` (written by :func:`save_toy`); parameters in
     ``dtype`` (float32 by default: the shipped teacher is stored in bfloat16 only to halve its
     files), restored as by :func:`load_model`."""
-    path = Path(path)
-    meta_path = path / toy.META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} holds no {toy.META_FILE}: not a toy pipeline folder")
-    world = read_json(meta_path).get("world")
-    try:
-        vocab, text_len, patch = tuple(world["vocab"]), int(world["text_len"]), int(world["patch"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{meta_path}: 'world' needs vocab, text_len and patch") from None
+    vocab, text_len, patch = toy_world(path)
     parts = [load_model(path, component=c, mesh=mesh, dtype=dtype) for c in toy.COMPONENTS]
     pipeline = toy.ToyPipeline(*parts, vocab=vocab, text_len=text_len, patch=patch)
     pipeline.check()

@@ -74,15 +74,16 @@ def shapes_text_encoder(config: ml_collections.ConfigDict) -> T5Encoder:
     with fixed random weights drawn from ``config.seed``."""
     if not config.teacher.path:
         return toy.new_text_encoder(len(shapes.VOCAB), config.seed)
-    from distill_jax.folders import load_toy
+    from distill_jax.folders import load_model, toy_world
 
-    pipe = load_toy(config.teacher.path)
-    if pipe.vocab != shapes.VOCAB or pipe.text_len != shapes.TEXT_LEN:
+    vocab, text_len, _ = toy_world(config.teacher.path)
+    if vocab != shapes.VOCAB or text_len != shapes.TEXT_LEN:
         raise ValueError(
             f"config.teacher.path={config.teacher.path!r} reads another shapes world (its "
             "vocabulary or caption length differ from distill_jax.data.shapes')"
         )
-    return pipe.t5
+    # The text encoder alone: the teacher's transformer is loaded onto the mesh by the trainer.
+    return load_model(config.teacher.path, component="text_encoder_2", dtype="float32")
 
 
 def toy_pipeline(transformer: Any, text_encoder: T5Encoder) -> toy.ToyPipeline:

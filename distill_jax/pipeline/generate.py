@@ -264,8 +264,9 @@ def initial_noise(
     if not jnp.issubdtype(init_noise.dtype, jnp.floating):  # ints, bools, complex: not noise
         raise ValueError(f"init_noise is {init_noise.dtype}; expected standard normal floats")
     noise = np.asarray(init_noise, np.float32)
-    if not np.isfinite(noise).all():
-        bad = int(np.size(noise) - np.isfinite(noise).sum())
+    finite = np.isfinite(noise)
+    if not finite.all():
+        bad = noise.size - int(np.count_nonzero(finite))
         raise ValueError(f"init_noise has {bad} non-finite value(s) of {noise.size}")
     return noise
 
