@@ -11,6 +11,8 @@ global batch 256 at 512 px, tangent warmup 4000 steps, tan t ~ LogNormal(ln 2 + 
 embedded guidance in {4, 4.5, 5}. Expected: a 2-step student close to the teacher's 28-step
 GenEval (the paper reports sCM as its best 1-2-step method); track `scm/g_norm`,
 `scm/tangent_norm` and the loss, which falls below zero as the log-variance head learns.
+The defaults fix the paper code's slips (spec 7); `--config.loss.paper_slips=True` alone
+reproduces them (bfloat16 time arithmetic, the log-variance head on TrigFlow time).
 
 CPU-sized variant (a tiny random model on synthetic latents, seconds):
 

@@ -17,6 +17,15 @@ from ml_collections import config_flags
 
 METHODS = ("flow_matching", "rescale", "scm", "meanflow")
 DATA_KINDS = ("synthetic", "latents", "shapes")
+# The settings that "auto" leaves to config.loss.paper_slips, and each one's values, the fixed
+# default first: "auto" takes the paper's value (distill_jax.losses.paper_slips) when the switch
+# is on and the method has that slip, else the default; any other value is kept (it wins over the
+# switch). distill_jax.methods.resolve gives the effective values.
+AUTO_SETTINGS = {
+    "loss.time_dtype": ("float32", "bfloat16"),
+    "model.logvar_time": ("flow", "trig"),
+    "model.delta_init": ("zero", "copy"),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,8 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attn_impl = "xla"  # attention for forward/backward passes
     # Attention of the tangent (JVP) pass: "blockwise" never materialises the T x T matrix.
     c.model.jvp_attn_impl = "blockwise"
-    c.model.delta_init = "zero"  # MeanFlow Δ-embedder init: "zero" (student = teacher) | "copy"
-    c.model.logvar_time = "flow"  # sCM logvar head on flow time s | "trig" t (paper, spec 7.9)
+    # "auto" (AUTO_SETTINGS): the paper's value with config.loss.paper_slips, else the first.
+    c.model.delta_init = "auto"  # MeanFlow Δ-embedder init: "zero" (student = teacher) | "copy"
+    c.model.logvar_time = "auto"  # sCM logvar head on flow time s: "flow" | "trig" t (spec 7.9)
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.path = ""  # a `distill-jax convert` folder (or its transformer/); "" = random init
@@ -69,7 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
     # its pure loss in distill_jax.losses (the trainer passes **config.loss.<method>).
     c.loss = ml_collections.ConfigDict()
     c.loss.guidance_values = (4.0, 4.5, 5.0)  # embedded guidance drawn per sample (spec 3.2, 4.3)
-    c.loss.paper_slips = False  # sCM and MeanFlow reproduce the paper code's slips (spec 7)
+    # sCM and MeanFlow reproduce the paper code's slips (spec 7), the "auto" settings included
+    c.loss.paper_slips = False
+    # sCM and MeanFlow's times and coefficients, the TrigFlow wrapper's s and n(s), the models'
+    # time inputs: "float32" | "bfloat16" (the paper's arithmetic, spec 7.6) | "auto"
+    c.loss.time_dtype = "auto"
     # flow_matching_loss: flow times ~ logit-normal(logit_mean, logit_std); a positive mean
     # trains more at high noise, where a layout is decided (SD3 samples logit-normal(0, 1)).
     c.loss.flow_matching = ml_collections.ConfigDict()
@@ -209,6 +223,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             values = value if isinstance(value, tuple | list) else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ValueError(f"{name}={value} is not finite")
+    for path, values in AUTO_SETTINGS.items():
+        if config[path] not in ("auto", *values):
+            raise ValueError(f"config.{path}={config[path]!r}; choose one of {('auto', *values)}")
     if config.data.kind not in DATA_KINDS:
         raise ValueError(f"config.data.kind={config.data.kind!r}; choose one of {DATA_KINDS}")
     if config.save_dtype not in ("", "bfloat16", "float32"):

@@ -5,6 +5,11 @@ from the teacher's, and how one step's loss calls the pure loss of :mod:`distill
 the networks bound, ``**config.loss.<method>`` (whose fields are that loss's keywords) and the
 paper's slips when ``config.loss.paper_slips`` is set. :func:`make_loss_fn` does what every method
 shares: packing the latents, drawing the embedded guidance, calling the networks.
+
+The settings that ``config.loss.paper_slips`` decides when they are ``"auto"``
+(:data:`distill_jax.config.AUTO_SETTINGS`: the time dtype and the model switches) take their
+effective values in one place, :func:`resolve`, which the functions here apply to the config they
+are given and the trainer applies once to the config it logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from distill_jax import distributed, losses
+from distill_jax.config import AUTO_SETTINGS
 from distill_jax.models.flux import FluxConfig
 from distill_jax.parameterization import trigflow_velocity
 from distill_jax.pipeline.latents import image_ids, pack
@@ -50,8 +56,46 @@ class Nets:
         return self.call(self.teacher_gd, self.teacher_params, x, t, cond, **kw)
 
 
-def _slips(config: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
-    return losses.paper_slips(method) if config.loss.paper_slips else {}
+# --- the paper's slips and the effective settings -----------------------------------------------
+
+SLIP_METHODS = ("scm", "meanflow")  # the methods of losses.paper_slips
+
+
+def slips(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """``losses.paper_slips(config.method)`` when ``config.loss.paper_slips`` is set and the
+    method has slips, else none: ``{"loss": {...}, "model": {...}}``."""
+    if config.loss.paper_slips and config.method in SLIP_METHODS:
+        return losses.paper_slips(config.method)
+    return {"loss": {}, "model": {}}
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with its ``"auto"`` settings (:data:`~distill_jax.config.AUTO_SETTINGS`) at
+    their effective values: the paper's (:func:`slips`) when ``config.loss.paper_slips`` is set,
+    else the fixed default. A value set in a config file or on the command line is kept, so it
+    wins over the switch. Returns a copy (``config`` itself when nothing is ``"auto"``)."""
+    auto = [path for path in AUTO_SETTINGS if config[path] == "auto"]
+    if not auto:
+        return config
+    paper = slips(config)
+    out = config.copy_and_resolve_references()
+    for path in auto:
+        group, name = path.split(".")
+        value = paper[group].get(name, AUTO_SETTINGS[path][0])
+        out[group][name] = jnp.dtype(value).name if name == "time_dtype" else value
+    return out
+
+
+def time_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The effective ``config.loss.time_dtype`` as a dtype: the losses', the TrigFlow wrapper's
+    and (``Flux(time_dtype=)``) the models' time arithmetic."""
+    return jnp.dtype(resolve(config).loss.time_dtype)
+
+
+def loss_switches(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The sCM / MeanFlow loss's slips (none unless ``config.loss.paper_slips``) and its
+    ``time_dtype``, the config's effective one (an explicit setting wins over the slips')."""
+    return {**slips(config)["loss"], "time_dtype": time_dtype(config)}
 
 
 # --- the adapters: (config, nets, x0, key, cond, aux, step) -> (loss, metrics) ------------------
@@ -76,18 +120,21 @@ def _rescale(config, nets: Nets, x0, key, cond, aux, step):
 
 
 def _scm(config, nets: Nets, x0, key, cond, aux, step):
+    switches = loss_switches(config)
+    td = switches["time_dtype"]  # the wrapper's s and n(s) too (spec 7.6)
+
     def student_fn(x_hat, t, c, gd=nets.student_gd):
         def flow(xs, s):
             return nets.call(gd, nets.params, xs, s, c, return_logvar=True)
 
-        F, logvar = trigflow_velocity(flow, x_hat, t, has_aux=True)
+        F, logvar = trigflow_velocity(flow, x_hat, t, has_aux=True, time_dtype=td)
         if config.model.logvar_time == "trig":  # the paper's choice (spec 7.9)
             g = c["g"] if "guidance_in" in nets.params else None
             logvar = nnx.merge(gd, nets.params).logvar_at(t, c["pooled"], g)
         return F, logvar
 
     def teacher_fn(x_hat, t, c):
-        return trigflow_velocity(lambda xs, s: nets.teacher(xs, s, c), x_hat, t)
+        return trigflow_velocity(lambda xs, s: nets.teacher(xs, s, c), x_hat, t, time_dtype=td)
 
     tangent_fn = None
     if nets.tangent_gd is not None:
@@ -101,7 +148,7 @@ def _scm(config, nets: Nets, x0, key, cond, aux, step):
         cond=cond,
         tangent_fn=tangent_fn,
         **config.loss.scm,
-        **_slips(config, "scm"),
+        **switches,
     )
 
 
@@ -126,7 +173,7 @@ def _meanflow(config, nets: Nets, x0, key, cond, aux, step):
         uncond=uncond,
         tangent_fn=tangent_fn,
         **config.loss.meanflow,
-        **_slips(config, "meanflow"),
+        **loss_switches(config),
     )
 
 
@@ -191,6 +238,7 @@ def model_configs(
     """(teacher, student) structures for ``config.method`` (the teacher by default from
     ``config.model.preset`` and ``overrides``). The teacher of sCM/MeanFlow runs at
     ``time_scale`` 1 (a rescaled teacher, spec 2)."""
+    config = resolve(config)
     if teacher_cfg is None:
         teacher_cfg = FluxConfig.preset(config.model.preset, **config.model.overrides)
     method = METHODS[config.method]
@@ -204,7 +252,9 @@ def model_configs(
 
 def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
     """``loss_fn(params, teacher_params, batch, aux, key, step) -> (loss, metrics)`` for
-    ``config.method``; batches as in :mod:`distill_jax.train`."""
+    ``config.method``; batches as in :mod:`distill_jax.train`. The graphdefs' ``time_dtype``
+    should be :func:`time_dtype` of ``config``, as :mod:`distill_jax.train` builds them."""
+    config = resolve(config)
     adapter = METHODS[config.method].loss
     guidance_values = jnp.asarray(config.loss.guidance_values, jnp.float32)
     # A separate tangent pass only when it uses another attention than the gradient pass;

@@ -11,7 +11,9 @@ Both describe the same noisy state at the same SNR when ``tan t = s / (1 - s)``;
 ``x_s = n(s) x_hat_t`` with ``n(s) = sqrt(s^2 + (1-s)^2) = 1 / (cos t + sin t)`` (spec 2.3).
 
 Times, trigonometric coefficients and the conversions are computed in float32 whatever the dtype of
-the data (spec 7.6). Time arrays have shape ``[B]`` and broadcast against ``[B, ...]`` data.
+the data (spec 7.6), unless a ``dtype`` argument asks for the paper's bfloat16 arithmetic: then
+every operation's result is rounded to it, as the paper's bf16 tensors are (:func:`quantize`).
+Time arrays have shape ``[B]`` and broadcast against ``[B, ...]`` data.
 """
 
 from __future__ import annotations
@@ -33,21 +35,33 @@ def bcast(t: Array, x: Array) -> Array:
 
 
 def quantize(t: Array, dtype: Any = F32) -> Array:
-    """Rounds float32 times through ``dtype`` and back (bf16: the paper's times, spec 7.6).
+    """Rounds float32 values to the precision of ``dtype`` (bf16: the paper's times, spec 7.6);
+    float32 in, float32 out, the identity for ``dtype=float32``.
 
-    With ``dtype=float32`` this is the identity.
+    ``lax.reduce_precision``, not a cast there and back: under ``jit`` XLA may keep bfloat16
+    arithmetic in float32 without rounding (seen on CPU for bf16 ``cos`` and division), and its
+    ``simplify-fp-conversions`` pass may fold a float32 -> bfloat16 -> float32 pair of casts (XLA
+    allows excess precision), silently undoing the rounding. Tangents are rounded alike.
     """
     t = jnp.asarray(t, F32)
-    return t if jnp.dtype(dtype) == jnp.dtype(F32) else t.astype(dtype).astype(F32)
+    if jnp.dtype(dtype) == jnp.dtype(F32):
+        return t
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(t, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 # --- times (spec 1.3, 2.3) --------------------------------------------------------------------
 
 
-def trig_to_flow_time(t: Array) -> Array:
-    """Flow time ``s = sin t / (sin t + cos t)`` of TrigFlow time ``t`` (same shape, float32)."""
-    t = jnp.asarray(t, F32)
-    return jnp.sin(t) / (jnp.sin(t) + jnp.cos(t))
+def trig_to_flow_time(t: Array, dtype: Any = F32) -> Array:
+    """Flow time ``s = sin t / (sin t + cos t)`` of TrigFlow time ``t`` (same shape, float32).
+
+    ``dtype=bfloat16`` rounds ``t`` and each operation's result, as the paper's ``FluxTrigFlow``
+    computes ``s`` from its bf16 time (spec 1.3, 7.6).
+    """
+    t = quantize(t, dtype)
+    sin, cos = quantize(jnp.sin(t), dtype), quantize(jnp.cos(t), dtype)
+    return quantize(sin / quantize(sin + cos, dtype), dtype)
 
 
 def flow_to_trig_time(s: Array) -> Array:
@@ -59,32 +73,38 @@ def flow_to_trig_time(s: Array) -> Array:
     return jnp.arctan2(s, 1.0 - s)
 
 
-def flow_norm(s: Array) -> Array:
-    """``n(s) = sqrt(s^2 + (1 - s)^2)``, the factor with ``x_s = n(s) x_hat_t`` (spec 1.3)."""
-    s = jnp.asarray(s, F32)
-    return jnp.sqrt(s * s + (1.0 - s) ** 2)
+def flow_norm(s: Array, dtype: Any = F32) -> Array:
+    """``n(s) = sqrt(s^2 + (1 - s)^2)``, the factor with ``x_s = n(s) x_hat_t`` (spec 1.3).
+
+    ``dtype=bfloat16`` rounds ``s`` and each operation's result (the paper's input scale).
+    """
+    q = lambda a: quantize(a, dtype)  # noqa: E731
+    s = q(s)
+    return q(jnp.sqrt(q(q(s * s) + q(q(1.0 - s) ** 2))))
 
 
 # --- velocities (spec 1.3, 2.3) ---------------------------------------------------------------
 
 
-def trig_to_flow_input(x_hat: Array, t: Array) -> tuple[Array, Array]:
+def trig_to_flow_input(x_hat: Array, t: Array, dtype: Any = F32) -> tuple[Array, Array]:
     """TrigFlow state ``x_hat_t`` [B, ...] at trig time ``t`` [B] -> (flow state ``x_s``, ``s``).
 
-    ``x_s = n(s) x_hat_t`` (spec 1.3 "flow input"); ``x_s`` is float32.
+    ``x_s = n(s) x_hat_t`` (spec 1.3 "flow input"); ``x_s`` is float32. ``dtype`` is the precision
+    of ``s`` and ``n(s)`` (:func:`trig_to_flow_time`, :func:`flow_norm`).
     """
-    s = trig_to_flow_time(t)
-    return bcast(flow_norm(s), x_hat) * x_hat.astype(F32), s
+    s = trig_to_flow_time(t, dtype)
+    return bcast(flow_norm(s, dtype), x_hat) * x_hat.astype(F32), s
 
 
-def flow_to_trig_velocity(x_s: Array, v: Array, s: Array) -> Array:
+def flow_to_trig_velocity(x_s: Array, v: Array, s: Array, dtype: Any = F32) -> Array:
     """Flow velocity ``v`` at flow state ``x_s`` [B, ...], time ``s`` [B] -> TrigFlow velocity.
 
     ``F = [(1 - 2s) x_s + (1 - 2s + 2s^2) v] / n(s)`` (spec 1.3 "TrigFlow output", derived in 2.3).
-    Returns float32, shape of ``x_s``.
+    Returns float32, shape of ``x_s``. ``dtype`` is the precision of ``n(s)`` (the input scale
+    that the output is divided by); the rest is float32.
     """
     s = bcast(jnp.asarray(s, F32), x_s)
-    n = flow_norm(s)
+    n = flow_norm(s, dtype)
     return ((1.0 - 2.0 * s) * x_s.astype(F32) + (1.0 - 2.0 * s + 2.0 * s * s) * v.astype(F32)) / n
 
 
@@ -117,6 +137,7 @@ def trigflow_velocity(
     t: Array,
     *args: Any,
     has_aux: bool = False,
+    time_dtype: Any = F32,
     **kwargs: Any,
 ) -> Any:
     """Wraps a flow-velocity model into a TrigFlow one (the paper's ``FluxTrigFlow``, spec 1.3).
@@ -127,14 +148,16 @@ def trigflow_velocity(
         flow velocity ``z - x0``.
       x_hat: TrigFlow state in standard units ``x_t / sigma_d``, [B, ...].
       t: TrigFlow time, [B].
+      time_dtype: precision of the flow time ``s`` and the input scale ``n(s)``; bfloat16
+        computes both as the paper's wrapper does (spec 7.6), float32 (default) exactly.
     Returns:
       ``F`` [B, ...] float32 (and ``aux`` unchanged with ``has_aux``). Differentiable in ``x_hat``
       and ``t``, so ``jax.jvp`` through it gives the sCM tangent.
     """
-    x_s, s = trig_to_flow_input(x_hat, t)
+    x_s, s = trig_to_flow_input(x_hat, t, time_dtype)
     out = flow_fn(x_s.astype(x_hat.dtype), s, *args, **kwargs)
     v, aux = out if has_aux else (out, None)
-    F = flow_to_trig_velocity(x_s, v, s)
+    F = flow_to_trig_velocity(x_s, v, s, time_dtype)
     return (F, aux) if has_aux else F
 
 

@@ -44,7 +44,15 @@ from distill_jax.data.training import (
     shapes_text_encoder,
     toy_pipeline,
 )
-from distill_jax.methods import METHODS, make_loss_fn, model_configs
+from distill_jax.methods import (
+    METHODS,
+    SLIP_METHODS,
+    loss_switches,
+    make_loss_fn,
+    model_configs,
+    resolve,
+    time_dtype,
+)
 from distill_jax.metrics import MetricWriter, peak_tflops
 from distill_jax.models.flux import Flux, FluxConfig, reset_delta_embedder
 from distill_jax.sharding import (
@@ -79,6 +87,7 @@ def _graphdef(cfg: FluxConfig, config, attn_impl: str) -> nnx.GraphDef:
             dtype=_dtype(config.model.dtype),
             remat=config.model.remat,
             attn_impl=attn_impl,
+            time_dtype=time_dtype(config),
         )
     )
     return nnx.split(abstract)[0]
@@ -425,6 +434,10 @@ def train(
     ``on_step(step, metrics)`` is called after every logged step with host metrics.
     """
     check_config(config)
+    config = resolve(config)  # what runs: the "auto" settings at their effective values
+    log.info("config:\n%s", config)
+    if config.method in SLIP_METHODS:
+        log.info("the %s loss's switches: %s", config.method, loss_switches(config))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if config.multihost:

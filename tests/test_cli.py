@@ -190,6 +190,11 @@ BAD_TRAIN = [
     (["--config.checkpoint_every=0"], "config.checkpoint_every=0 must be >= 1"),
     (["--config.seed=4294967296"], "config.seed=4294967296 must be in [0, 2**32)"),
     (["--config.optim.lr=nan"], "config.optim.lr=nan is not finite"),
+    (
+        ["--config.model.delta_init=cpy"],
+        "config.model.delta_init='cpy'; choose one of ('auto', 'zero', 'copy')",
+    ),
+    (["--config.loss.time_dtype=bf16"], "config.loss.time_dtype='bf16'; choose one of"),
 ]
 
 

@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -292,6 +293,30 @@ def test_logvar_head():
     np.testing.assert_allclose(
         logvar, expected + np.asarray(model.logvar.bias.get_value()), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("which", ["timestep", "guidance", "timestep2"])
+def test_time_dtype_rounds_the_embeddings_input(which):
+    """``Flux(time_dtype=bfloat16)`` rounds each time input to bf16 before the sinusoid, as the
+    paper's bf16 model casts ``timestep``, ``guidance`` (and MeanFlow's Δ) to its dtype (spec 1.2
+    item 1): the float32 model given that input rounded by ml_dtypes gives the same conditioning,
+    given it unrounded another. The other inputs are bf16 values already."""
+    cfg = FluxConfig.tiny().replace(delta_embed=True)
+    exact, rounding = (
+        Flux(cfg, rngs=nnx.Rngs(0), time_dtype=d) for d in (jnp.float32, jnp.bfloat16)
+    )
+    pooled = np.random.default_rng(0).standard_normal((2, cfg.pooled_dim)).astype(np.float32)
+    times = {
+        "timestep": np.float32([0.5, 0.75]),
+        "guidance": np.float32([4.0, 4.5]),
+        "timestep2": np.float32([0.25, 0.0]),
+    }
+    unrounded = {**times, which: np.float32([0.30078, 0.99597168])}  # not bf16 values
+    rounded = {**times, which: unrounded[which].astype(ml_dtypes.bfloat16).astype(np.float32)}
+    assert not np.array_equal(rounded[which], unrounded[which])
+    got = rounding.conditioning(pooled_projections=pooled, **unrounded)
+    np.testing.assert_array_equal(got, exact.conditioning(pooled_projections=pooled, **rounded))
+    assert np.abs(got - exact.conditioning(pooled_projections=pooled, **unrounded)).max() > 1e-6
 
 
 def test_bad_inputs_have_clear_errors():

@@ -318,15 +318,58 @@ def test_time_dtype_rounds_times():
     # In the paper's code t = pi/2 - 1e-4 becomes 1.5703125; the trig coefficients follow suit.
     c32, c16 = _trig(jnp.array([1.5707]), jnp.float32)[0], _trig(jnp.array([1.5707]), BF16)[0]
     assert float(c16[0]) > 5 * float(c32[0])
+    # bf16 coefficients of the bf16 time, jitted as in the trainer (where XLA could keep bf16
+    # arithmetic in float32): cos and sin rounded as ml_dtypes rounds them
+    tt = np.linspace(0.05, 1.5, 29, dtype=np.float32)
+    c, s = jax.jit(_trig, static_argnums=1)(tt, BF16)
+    np.testing.assert_array_equal(c, bf16_round(np.cos(bf16_round(tt))))
+    np.testing.assert_array_equal(s, bf16_round(np.sin(bf16_round(tt))))
+
+
+@pytest.mark.parametrize("separate_tangent", [False, True])
+def test_meanflow_rounds_delta_before_the_embedder_and_in_the_target(separate_tangent):
+    """``time_dtype=bfloat16`` rounds Δ = t − r to bf16, as the paper subtracts its bf16 times
+    in bf16 (spec 7.6): the student's Δ input (in the JVP pass and, with ``tangent_fn``, the
+    gradient pass) is ``bf16(t - r)`` by ml_dtypes, and so is the target's. With ``u = Δ`` and
+    ``v_T = 0``, ``du/dt = 1``: the error is Δ_student + Δ_target. float32 keeps Δ exact."""
+    t, r = np.float32([0.99609375, 0.5, 0.75]), np.float32([2**-13, 0.001, 0.25])
+    x0 = jnp.zeros((3, 2))
+
+    def run(dtype):
+        seen = []
+
+        def u(z, tt, d, _):
+            jax.debug.callback(lambda d_: seen.append(np.asarray(d_)), d)
+            return jnp.broadcast_to(d[:, None], z.shape)
+
+        kw = dict(r=r, t=t, time_dtype=dtype, adaptive_p=0.0)
+        if separate_tangent:
+            kw["tangent_fn"] = u
+        _, m = L.meanflow_loss(u, lambda z, tt, _: jnp.zeros_like(z), x0, jax.random.key(0), **kw)
+        return seen, float(m["meanflow/mse"])
+
+    seen, mse = run(BF16)
+    delta = bf16_round(bf16_round(t) - bf16_round(r))  # [0.99609375, 0.49804688, 0.5]
+    assert len(seen) == 1 + separate_tangent
+    for d in seen:
+        np.testing.assert_array_equal(d, delta)
+    np.testing.assert_allclose(mse, np.mean((2 * delta) ** 2), rtol=1e-6)
+    seen, mse = run(jnp.float32)
+    exact = t - r
+    assert not np.array_equal(exact, delta)
+    for d in seen:
+        np.testing.assert_array_equal(d, exact)
+    np.testing.assert_allclose(mse, np.mean((2 * exact) ** 2), rtol=1e-6)
 
 
 def test_paper_slips_are_accepted_keywords():
     mf = {"tangent_velocity": "ground_truth", "cfg_at_r_equals_t": False, "time_dtype": BF16}
-    assert L.paper_slips("meanflow") == mf
-    assert L.paper_slips("scm") == {"time_dtype": BF16}
+    assert L.paper_slips("meanflow") == {"loss": mf, "model": {"delta_init": "copy"}}
+    assert L.paper_slips("scm") == {"loss": {"time_dtype": BF16}, "model": {"logvar_time": "trig"}}
     x0, key = gaussian(D).sample(jax.random.key(16), 8), jax.random.key(0)
-    L.meanflow_loss(lambda z, t, d, _: z, lambda z, t, _: z, x0, key, **L.paper_slips("meanflow"))
-    L.scm_loss(lambda x, t, _: (x, t), lambda x, t, _: x, x0, key, step=0, **L.paper_slips("scm"))
+    mf_kw, scm_kw = L.paper_slips("meanflow")["loss"], L.paper_slips("scm")["loss"]
+    L.meanflow_loss(lambda z, t, d, _: z, lambda z, t, _: z, x0, key, **mf_kw)
+    L.scm_loss(lambda x, t, _: (x, t), lambda x, t, _: x, x0, key, step=0, **scm_kw)
     with pytest.raises(ValueError):
         L.paper_slips("imm")
     with pytest.raises(ValueError):

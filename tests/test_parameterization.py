@@ -11,7 +11,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import pytest
 
 from distill_jax import parameterization as P
 
@@ -163,6 +165,44 @@ def test_velocity_conversions_match_exact_trigflow_velocity():
     F, aux = P.trigflow_velocity(lambda x, s_: (G.flow_velocity(x, s_), s_), x_hat, t, has_aux=True)
     np.testing.assert_allclose(F, F_exact, atol=2e-5)
     np.testing.assert_allclose(aux, s)
+
+
+def bf16(a) -> np.ndarray:
+    """float32 values rounded to bfloat16 by ml_dtypes: the references' rounding (spec 7.6)."""
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_trigflow_wrapper_computes_s_and_the_input_scale_in_bfloat16(jit):
+    """``time_dtype=bfloat16``: the paper's ``FluxTrigFlow`` on bf16 tensors (spec 1.3, 7.6),
+    each operation rounded: ``s = sin t / (cos t + sin t)`` of the bf16 time, the input scale
+    ``n(s) = sqrt(s^2 + (1 - s)^2)``; the model gets ``s`` and ``n x_hat``, its output is divided
+    by the same ``n``. Jitted too, where XLA would keep bf16 arithmetic in float32 (excess
+    precision) without ``quantize``'s ``lax.reduce_precision``."""
+    rng = np.random.default_rng(0)
+    t = np.linspace(0.05, 1.5, 29, dtype=np.float32)
+    x_hat, v = rng.standard_normal((2, 29, 3)).astype(np.float32)
+    tb = bf16(t)
+    sin, cos = bf16(np.sin(tb)), bf16(np.cos(tb))
+    s = bf16(sin / bf16(cos + sin))
+    n = bf16(np.sqrt(bf16(bf16(s * s) + bf16(bf16(1 - s) ** 2))))[:, None]
+
+    def wrapped(x, tt, dtype):  # the model's inputs come back as aux
+        flow = lambda xs, ss: (jnp.asarray(v), (xs, ss))  # noqa: E731
+        return P.trigflow_velocity(flow, x, tt, has_aux=True, time_dtype=dtype)
+
+    fn = jax.jit(wrapped, static_argnums=2) if jit else wrapped
+    F, (x_s, s_in) = fn(x_hat, t, jnp.bfloat16)
+    np.testing.assert_array_equal(s_in, s)
+    np.testing.assert_allclose(x_s, n * x_hat, rtol=1e-7)
+    sb = s[:, None]
+    F_ref = ((1 - 2 * sb) * (n * x_hat) + (1 - 2 * sb + 2 * sb * sb) * v) / n
+    np.testing.assert_allclose(F, F_ref, rtol=1e-6, atol=1e-6)
+    # float32 (the default) is exact, and the roundings above are not nothing
+    _, (x32, s32) = fn(x_hat, t, jnp.float32)
+    t64 = t.astype(np.float64)
+    np.testing.assert_allclose(s32, np.sin(t64) / (np.sin(t64) + np.cos(t64)), rtol=1e-6)
+    assert np.mean(s32 != s) > 0.5 and np.mean(x32 != x_s) > 0.5
 
 
 def test_consistency_function_denoiser_and_ode_endpoint():

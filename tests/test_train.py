@@ -5,6 +5,7 @@ Runs on 8 fake CPU devices (tests/conftest.py) with tiny models and float32 comp
 """
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -184,6 +185,20 @@ def test_config_typos_fail():
         load_config("configs/scm.py:runlocal", ["--config.optim.learning_rate=1e-3"])
     with pytest.raises(ValueError, match="--config.field=value"):
         load_config("configs/scm.py:runlocal", ["optim.lr=1e-3"])
+
+
+def test_the_logged_config_has_the_effective_values(tmp_path, caplog):
+    """``--config.loss.paper_slips=True`` alone: the config logged at the start (before the
+    teacher loads, here a missing folder) shows the settings it set, not "auto"."""
+    config = load_config(
+        "configs/meanflow.py:runlocal",
+        ["--config.loss.paper_slips=True", f"--config.teacher.path={tmp_path / 'absent'}"],
+    )
+    with caplog.at_level(logging.INFO, "distill_jax.train"), pytest.raises(ValueError, match="abs"):
+        train(config, tmp_path / "run")
+    assert "delta_init: copy" in caplog.text and "time_dtype: bfloat16" in caplog.text
+    assert "auto" not in caplog.text
+    assert "'tangent_velocity': 'ground_truth'" in caplog.text  # the loss's switches
 
 
 def test_cli_train_runs_and_rejects_typos(tmp_path, capsys):

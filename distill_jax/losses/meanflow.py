@@ -29,23 +29,32 @@ TANGENT_VELOCITIES = ("teacher", "ground_truth")
 
 
 def meanflow_dudt(
-    u_fn: Callable[[Array, Array, Array], Array], z: Array, r: Array, t: Array, v: Array
+    u_fn: Callable[[Array, Array, Array], Array],
+    z: Array,
+    r: Array,
+    t: Array,
+    v: Array,
+    *,
+    time_dtype: Any = F32,
 ) -> Array:
     """Total derivative ``du/dt = d_z u . v + d_t u`` with ``r`` held fixed (spec 4.3 step 7).
 
     ``jax.jvp`` of ``(z, r, t) -> u_fn(z, t, t - r)`` at ``(z [B, ...], r [B], t [B])`` with
     tangents ``(v, 0, 1)``: the unit tangent on ``t`` reaches both time inputs, since
-    ``d(t - r)/dt = 1``. Returns float32 [B, ...].
+    ``d(t - r)/dt = 1``. ``time_dtype`` rounds ``t - r`` (bf16: the paper's subtraction of bf16
+    times, spec 7.6). Returns float32 [B, ...].
     """
 
-    return _u_and_dudt(u_fn, z, r, t, v)[1].astype(F32)
+    return _u_and_dudt(u_fn, z, r, t, v, time_dtype)[1].astype(F32)
 
 
-def _u_and_dudt(u_fn, z: Array, r: Array, t: Array, v: Array) -> tuple[Array, Array]:
+def _u_and_dudt(
+    u_fn, z: Array, r: Array, t: Array, v: Array, time_dtype: Any
+) -> tuple[Array, Array]:
     """``(u(z, t, t - r), du/dt)``: the primal and tangent of :func:`meanflow_dudt`'s JVP."""
 
     def fn(z_, r_, t_):
-        return u_fn(z_, t_, t_ - r_)
+        return u_fn(z_, t_, quantize(t_ - r_, time_dtype))
 
     return jax.jvp(fn, (z, r, t), (v.astype(z.dtype), jnp.zeros_like(r), jnp.ones_like(t)))
 
@@ -95,7 +104,9 @@ def meanflow_loss(
         target; ``"ground_truth"`` uses ``eps - x0`` there, as the paper's code (spec 7.2).
       cfg_at_r_equals_t: evaluate ``u_c, u_0`` at ``delta = 0`` (instantaneous velocities, as the
         upstream MeanFlow CFG) if True; at the sample's own ``t - r`` if False (paper, spec 7.3).
-      time_dtype: rounds ``r, t`` and the interpolation coefficients; bfloat16 = paper (spec 7.6).
+      time_dtype: rounds ``r, t``, ``delta = t - r`` (before the student's Δ embedder and in the
+        target) and the interpolation coefficients; bfloat16 = paper (spec 7.6). Give the models
+        the same (``Flux(time_dtype=)``), as the trainer does.
 
     Args:
       student_fn, teacher_fn, cond, uncond: see the module docstring. With ``cond`` or
@@ -132,10 +143,10 @@ def meanflow_loss(
     if r is None or t is None:
         r, t = sample_meanflow_times(k_time, (B,), mu, sigma, ratio_r_neq_t)
     r, t = quantize(r, time_dtype), quantize(t, time_dtype)
-    delta = t - r  # exact in float32 for bf16-rounded times
+    delta = quantize(t - r, time_dtype)  # the paper subtracts bf16 times in bf16
     eps = jax.random.normal(k_z, x0.shape, F32) if noise is None else noise.astype(F32)
-    tb = bcast(t.astype(time_dtype), x0)
-    z_t = (1.0 - tb).astype(F32) * x0 + tb.astype(F32) * eps
+    tb = bcast(t, x0)
+    z_t = quantize(1.0 - tb, time_dtype) * x0 + tb * eps
     v_gt = eps - x0
 
     v_T = sg(teacher_fn(z_t, t, cond_in)).astype(F32)
@@ -156,10 +167,19 @@ def meanflow_loss(
     if tangent_fn is None:
         # One pass: the JVP's primal u(z_t, t, t - r) is the student's forward that the caller
         # differentiates (only the tangent is stopped), so the student runs forward once.
-        u, dudt = _u_and_dudt(lambda z, tt, d: student_fn(z, tt, d, cond_in), z_t, r, t, v_tan)
+        u, dudt = _u_and_dudt(
+            lambda z, tt, d: student_fn(z, tt, d, cond_in), z_t, r, t, v_tan, time_dtype
+        )
     else:
         u = student_fn(z_t, t, delta, cond_in)
-        dudt = meanflow_dudt(lambda z, tt, d: tangent_fn(z, tt, d, cond_in), z_t, r, t, v_tan)
+        dudt = meanflow_dudt(
+            lambda z, tt, d: tangent_fn(z, tt, d, cond_in),
+            z_t,
+            r,
+            t,
+            v_tan,
+            time_dtype=time_dtype,
+        )
     u, dudt = u.astype(F32), sg(dudt).astype(F32)
     u_tgt = sg(v_tgt - bcast(delta, x0) * dudt)
 

@@ -31,8 +31,8 @@ sg = jax.lax.stop_gradient
 
 def _trig(t: Array, dtype: Any) -> tuple[Array, Array]:
     """``(cos t, sin t)`` computed in ``dtype`` (bf16 reproduces spec 7.6), returned in float32."""
-    td = t.astype(dtype)
-    return jnp.cos(td).astype(F32), jnp.sin(td).astype(F32)
+    td = quantize(t, dtype)
+    return quantize(jnp.cos(td), dtype), quantize(jnp.sin(td), dtype)
 
 
 def scm_tangent(
@@ -104,7 +104,10 @@ def scm_loss(
       key: PRNG key for the times and the noise.
       step: optimizer step for the tangent warmup (int or traced scalar).
       time_dtype: dtype of times and trigonometric coefficients; float32 by default, bfloat16
-        reproduces the paper (spec 7.6). The loss itself is always float32.
+        reproduces the paper (spec 7.6). The loss itself is always float32. The callables do
+        their own time arithmetic: give the TrigFlow wrapper the same dtype
+        (``trigflow_velocity(time_dtype=)``, its ``s`` and ``n(s)``) and the models too
+        (``Flux(time_dtype=)``, their embeddings' input), as the trainer does.
       t, noise: optional fixed TrigFlow times [B] and noise [B, ...] (override the sampling; for
         parity tests against a transcription of the paper's code).
       tangent_fn: the same function as ``student_fn`` for the JVP pass (under stop-gradient),
@@ -159,7 +162,7 @@ def scm_loss(
     g_norm = jnp.sqrt(jnp.sum(g * g, axis=axes, keepdims=True))
     g = sg(g / (g_norm + tangent_norm_c))
 
-    w = bcast((c / (sigma_d * s)).astype(time_dtype).astype(F32), x0)  # 1 / (sigma_d tan t)
+    w = bcast(quantize(c / (sigma_d * s), time_dtype), x0)  # 1 / (sigma_d tan t)
     per_elem = w * jnp.exp(-logvar) * (F - F_minus - g) ** 2 + logvar
     loss = jnp.mean(per_elem)
     metrics = {

@@ -9,7 +9,8 @@ and from diffusers' and BFL's state dicts. The call mirrors diffusers' ``FluxTra
 ``model(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
 guidance)``, with ``timestep`` and ``guidance`` multiplied by ``cfg.time_scale`` before the
 sinusoidal embedding (1000 in stock FLUX; 1 for the rescaled teachers and students of sCM and
-MeanFlow, spec section 1.2).
+MeanFlow, spec section 1.2); with ``time_dtype=bfloat16`` they are first rounded to bfloat16, as
+the paper's bf16 models cast them (spec 1.2 item 1).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill_jax.models.attention import apply_rope, attention, rope_frequencies
+from distill_jax.parameterization import quantize
 from distill_jax.sharding import axes, constrain
 
 log = logging.getLogger(__name__)
@@ -395,7 +397,9 @@ class Flux(nnx.Module):
     ``dtype`` is the compute dtype (bfloat16 for training), ``param_dtype`` the storage dtype
     (float32 master weights). ``remat`` names a per-block rematerialization policy
     (:data:`REMAT_POLICIES`); ``attn_impl`` an implementation of
-    :func:`distill_jax.models.attention.attention`.
+    :func:`distill_jax.models.attention.attention`. ``time_dtype`` is the precision of the time
+    inputs (timestep, guidance, Δ) before the sinusoid: float32 keeps them exact, bfloat16 rounds
+    them as the paper's models do (``timestep.to(hidden_states.dtype)``, spec 1.2 item 1, 7.6).
     """
 
     def __init__(
@@ -407,10 +411,11 @@ class Flux(nnx.Module):
         param_dtype=jnp.float32,
         remat: str = "none",
         attn_impl: str = "xla",
+        time_dtype=jnp.float32,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.cfg, self.dtype, self.remat, self.time_dtype = cfg, dtype, remat, time_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.hidden
         self.img_in = _linear(cfg.in_channels, d, ("io", "embed"), **kw)
@@ -442,11 +447,12 @@ class Flux(nnx.Module):
         timestep2: jax.Array | None = None,
     ) -> jax.Array:
         """The conditioning vector ``vec [B, D]`` from timestep ``[B]``, pooled text ``[B, P]``,
-        guidance ``[B]`` and (MeanFlow) Δ = t − r ``[B]``; times are scaled by ``time_scale``."""
+        guidance ``[B]`` and (MeanFlow) Δ = t − r ``[B]``; times are rounded to ``time_dtype``,
+        then scaled by ``time_scale``."""
         cfg, e = self.cfg, self.cfg.time_embed_dim
 
         def embed(x):
-            x = jnp.broadcast_to(jnp.asarray(x, jnp.float32), pooled_projections.shape[:1])
+            x = jnp.broadcast_to(quantize(x, self.time_dtype), pooled_projections.shape[:1])
             return timestep_embedding(x * cfg.time_scale, e).astype(self.dtype)
 
         vec = self.time_in(embed(timestep))
