@@ -32,14 +32,14 @@ RUNTIME = [
     "tensorboardX==2.6.5",
 ]
 
-# The PyTorch reference stack the parity tests compare against. torch is pinned to the CPU build
-# the Makefile installs first; an unpinned torch would pull several GB of CUDA wheels.
-TEST = [
+# Exported students in PyTorch (distill_jax.torch_students), and the PyTorch reference stack the
+# parity tests compare against. torch is pinned to the CPU build the Makefile installs first; an
+# unpinned torch would pull several GB of CUDA wheels.
+TORCH = [
     "torch==2.13.0",
     "diffusers==0.42.1",
-    "pytest",
-    "ruff",
 ]
+TEST = [*TORCH, "pytest", "ruff"]
 
 # `pip install -e ".[tpu]"` / `".[cuda]"` on accelerator hosts: jax's own extras at the pinned jax.
 # tpu pulls libtpu from PyPI (Cloud TPU VMs); cuda12 pulls jax-cuda12-plugin with the NVIDIA CUDA 12
@@ -60,6 +60,6 @@ setup(
     packages=find_packages(include=["distill_jax", "distill_jax.*"]),
     package_data={"distill_jax": ["assets/**/*"]},  # the toy teacher of the demo
     install_requires=RUNTIME,
-    extras_require={"test": TEST, **ACCELERATORS},
+    extras_require={"torch": TORCH, "test": TEST, **ACCELERATORS},
     entry_points={"console_scripts": ["distill-jax = distill_jax.cli:main"]},
 )

@@ -1,7 +1,9 @@
 """Checkpoints in and out: ``convert`` FLUX-world weights into distill-jax folders and
 ``export`` students back to PyTorch. Loading and saving the folders is :mod:`distill_jax.folders`.
 
-Sources (:func:`detect_format`):
+Sources (:func:`detect_format`), each a local path or a Hub id ``org/name[@revision][/path]``
+(:mod:`distill_jax.hub`: only the files the wanted components need are fetched into the Hub
+cache):
 
 - ``diffusers``: a pipeline folder (``model_index.json``: FLUX.1-dev, Freepik/flux.1-lite-8B), one
   component folder (``config.json`` and ``*.safetensors``, sharded with an index or not), or one
@@ -39,6 +41,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx, traverse_util
 from tqdm.auto import tqdm
 
+from distill_jax import card, hub
 from distill_jax.folders import (
     DTYPES,
     component_folder,
@@ -54,12 +57,14 @@ from distill_jax.models.flux import Flux, FluxConfig, check_time_scale
 from distill_jax.port import checksum, torch_pt
 from distill_jax.port.flux import diffusers_rules
 from distill_jax.port.formats import (
+    BEYOND_DIFFUSERS,
     COMPONENTS,
     FORMATS,
     MARKER,
     Source,
     detect_format,
     open_sources,
+    source_files,
 )
 from distill_jax.port.params import param_shapes
 from distill_jax.port.safetensors_io import write_sharded
@@ -273,10 +278,15 @@ def convert(
     progress: bool = True,
     batch_bytes: int = BATCH_BYTES,
     allow_nonfinite: bool = False,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
 ) -> Path:
     """Converts a diffusers folder, BFL file or T2I-Distill ``.pt`` into a distill-jax folder.
 
     Args:
+      src: a path, or a Hub id ``org/name[@revision][/folder or file]`` (a path that exists wins);
+        an id fetches only what the wanted components need, into the Hub cache.
       format: ``"auto"`` (:func:`detect_format`) or one of :data:`FORMATS`.
       dtype: ``"bfloat16"`` or ``"float32"`` for the stored parameters; default lossless
         (bfloat16 when the source is bfloat16, else float32).
@@ -286,11 +296,13 @@ def convert(
       config: a diffusers transformer ``config.json`` for a single file (default: inferred).
       allow_nonfinite: convert NaN and Inf weights (with a warning counting them) instead of
         refusing them.
-    Returns ``dst``; each component's config.json records a checksum of every parameter.
+      revision, subfolder: of a Hub id (they override or extend its ``@revision`` and path).
+      token: for gated or private Hub models (default: ``HF_TOKEN`` or ``hf auth login``'s).
+    Returns ``dst``; each component's config.json records a checksum of every parameter, the
+    source's Hub id and commit, and the licence of the source's model card.
     """
-    src, dst, start = Path(src), Path(dst), time.perf_counter()
-    fmt = detect_format(src) if format == "auto" else format
-    if fmt not in FORMATS:
+    dst, start = Path(dst), time.perf_counter()
+    if format != "auto" and format not in FORMATS:
         raise ValueError(f"format {format!r}: choose 'auto' or one of {FORMATS}")
     unknown = sorted(set(components or ()) - set(COMPONENTS))
     if unknown:
@@ -298,6 +310,19 @@ def convert(
     dtype = parse_dtype(dtype)
     if time_scale is not None:
         check_time_scale(time_scale)
+    found = hub.resolve(
+        src,
+        revision=revision,
+        subfolder=subfolder,
+        token=token,
+        progress=progress,
+        plan=lambda folder: source_files(folder, components),
+    )
+    src = found.path
+    fmt = detect_format(src) if format == "auto" else format
+    about = {"hub": found.hub} if found.hub else {}
+    if meta := card.card_metadata(*([found.root] if found.root else [src, src.parent])):
+        about["card"] = meta
     stop, pool = threading.Event(), concurrent.futures.ThreadPoolExecutor(1)
     try:
         with staging(dst, overwrite, src) as tmp:
@@ -316,14 +341,14 @@ def convert(
                     str(f.relative_to(base) if f.is_relative_to(base) else f): h.result()
                     for f, h in hashes[s.component].items()
                 }
-                origin = {"path": str(s.where.resolve()), "format": fmt, "sha256": sha}
+                origin = {"path": str(s.where.resolve()), "format": fmt, "sha256": sha, **about}
                 model = COMPONENTS[s.component].model
                 meta = component_meta(s.component, model, s.cfg, stored.name, origin, sums)
                 write_json(tmp / s.component / "config.json", meta)
             for folder in copies:
                 shutil.copytree(folder, tmp / folder.name)
             names = [s.component for s in sources]
-            origin = {"path": str(src.resolve()), "format": fmt}
+            origin = {"path": str(src.resolve()), "format": fmt, **about}
             index = dict(format="distill-jax", version=1, components=names, source=origin)
             write_json(tmp / MARKER, {**index, "copied": [c.name for c in copies]})
     finally:
@@ -381,8 +406,11 @@ def export(
     """Writes the converted transformer at ``src`` for PyTorch.
 
     ``"diffusers"``: a folder of safetensors shards, ``diffusion_pytorch_model.safetensors.index
-    .json`` and ``config.json``, read by ``FluxTransformer2DModel.from_pretrained``; the config's
-    ``_distill_jax`` entry keeps ``time_scale`` and the heads (diffusers ignores it).
+    .json``, ``config.json`` and a model card ``README.md`` (:mod:`distill_jax.card`: method,
+    training, teacher, figures, and the code to sample it), read by
+    ``FluxTransformer2DModel.from_pretrained`` and, heads and time scale included, by
+    :class:`distill_jax.torch_students.FluxStudent`; the config's ``_distill_jax`` entry keeps
+    ``time_scale``, the heads and the ``method`` (diffusers ignores it).
     ``"t2i-distill"``: a ``.pt`` holding ``{"module": state_dict}``, as the paper's code saves and
     loads students. Both keep the paper's names for the extra heads (``timestep_embedder2.*``,
     ``logvar_linear.*``), which diffusers reports as unexpected keys.
@@ -392,6 +420,7 @@ def export(
     src, dst = Path(src), Path(dst)
     folder, meta = component_folder(src, "transformer")
     cfg = config_from_json(FluxConfig, meta.get("config"), folder)
+    facts = card.describe(folder, meta)
     dtype = parse_dtype(dtype) or stored_dtype(meta, folder)
     if format == "t2i-distill" and cfg.time_scale != 1.0:
         log.warning(
@@ -426,10 +455,17 @@ def export(
             )
             extra = {
                 f: getattr(cfg, f)
-                for f in ("time_scale", "delta_embed", "delta_init", "logvar_head")
+                for f in (
+                    "time_scale",
+                    "delta_embed",
+                    "delta_init",
+                    "logvar_head",
+                    *BEYOND_DIFFUSERS,
+                )
             }
-            extra["source"] = str(folder.resolve())
+            extra.update(method=facts["kind"], source=str(folder.resolve()))
             write_json(tmp / "config.json", {**cfg.to_diffusers(), "_distill_jax": extra})
+            card.write(tmp, dst, facts)
         else:
             torch_pt.save_pt(tmp, dict(tensors()))
     log.info("exported %s to %s (%s, %s)", folder, dst, format, dtype.name)

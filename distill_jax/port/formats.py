@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,9 @@ _HEADS = {
     "delta_embed": "timestep_embedder2.linear_1.weight",
     "logvar_head": "logvar_linear.weight",
 }
+# FluxConfig fields that diffusers' FluxTransformer2DModel fixes (MLP ratio 4, RoPE theta 10000,
+# 256-wide sinusoids); export records them under ``_distill_jax``.
+BEYOND_DIFFUSERS = ("mlp_ratio", "rope_theta", "time_embed_dim")
 _NAMES = {
     "num_double": "num_layers",
     "num_single": "num_single_layers",
@@ -294,15 +298,45 @@ def _folder_source(folder: Path, component: str | None, time_scale: float | None
         delta_init = extra.get("delta_init", cfg.delta_init) if isinstance(extra, dict) else None
         if delta_init not in DELTA_INITS:
             raise ValueError(f"{folder / 'config.json'}: _distill_jax: delta_init={delta_init!r}")
+        kept = {}  # the structure diffusers' config cannot say (our export writes it here)
+        for field in BEYOND_DIFFUSERS:
+            value = extra.get(field, getattr(cfg, field))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
+                raise ValueError(f"{folder / 'config.json'}: _distill_jax: {field}={value!r}")
+            kept[field] = type(getattr(cfg, field))(value)
         cfg = flux_config(
             tensors,
             where=folder,
             time_scale=scale,
-            given=cfg.replace(delta_init=delta_init),
+            given=cfg.replace(delta_init=delta_init, **kept),
             given_from=folder / "config.json",
         )
     files = [folder / "config.json", *tensors.files]
     return Source(name, tensors, cfg, COMPONENTS[name].rules(cfg), folder, files)
+
+
+def source_files(folder: Path, components: Sequence[str] | None = None) -> list[str]:
+    """Glob patterns, relative to a diffusers ``folder`` of which only the JSON files are on disk
+    yet (a Hub snapshot being fetched), of the other files :func:`open_sources` will read: each
+    wanted component's weights (the shards its index names, else the single-file names) and the
+    folders a pipeline's conversion copies."""
+
+    def weights(sub: str) -> list[str]:
+        prefix = f"{sub}/" if sub else ""
+        for name in _WEIGHTS[:2]:  # the indexes
+            if (folder / prefix / name).is_file():
+                shards = read_json(folder / prefix / name).get("weight_map")
+                shards = shards.values() if isinstance(shards, dict) else ()
+                return [prefix + name, *sorted({prefix + f for f in shards if isinstance(f, str)})]
+        return [prefix + name for name in _WEIGHTS[2:]]
+
+    if not (folder / "model_index.json").is_file():
+        return ["config.json", *weights("")]
+    index = read_json(folder / "model_index.json")
+    present = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][-1]]
+    wanted = [c for c in components or present if c in present]
+    files = [f for c in wanted for f in (f"{c}/config.json", *weights(c))]
+    return files + [f"{d}/*" for d in COPIED]
 
 
 def open_sources(
