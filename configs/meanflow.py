@@ -14,6 +14,10 @@ reproduces them all (the loss's, bfloat16 time arithmetic and the Δ embedder co
 embedder). Expected: a 4-step student near the teacher (the paper finds MeanFlow needs about 4
 steps).
 
+The paper's ablation found its best MeanFlow run with a squared loss and CFG on flow times
+[0.3, 0.8] only: ``configs/meanflow.py:gamma2,window`` (either alone too;
+``distill_jax.config.MEANFLOW_VARIANTS``).
+
 CPU-sized variant:
 
     distill-jax train --config configs/meanflow.py:runlocal --workdir /tmp/meanflow

@@ -122,6 +122,26 @@ def detect(image: np.ndarray, min_area: int = MIN_AREA) -> list[Detected]:
     return found
 
 
+def background_noise(images: np.ndarray) -> np.ndarray:
+    """Mean ``|pixel - 128|`` over each image's background pixels, per image ``[N]`` float
+    (0 for a clean render): a film of noise that leaves the objects readable still shows here.
+
+    Background pixels are those whose nearest palette colour is the background grey and whose 8
+    neighbours are too (anti-aliased edges are not background); an image with none gives NaN.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"background_noise expects images [N, H, W, 3], got {list(images.shape)}")
+    x = images.astype(np.float32)
+    d = x[..., None, :] - _PALETTE  # [N, H, W, 7, 3]
+    grey = np.argmin(np.einsum("nhwkc,nhwkc->nhwk", d, d), axis=-1) == 0  # [N, H, W]
+    inner = ndimage.binary_erosion(grey, structure=np.ones((1, 3, 3), bool), border_value=1)
+    dev = np.abs(x - np.asarray(shapes.BACKGROUND, np.float32)).mean(-1)  # [N, H, W]
+    count = inner.sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (dev * inner).sum((1, 2)) / count, np.nan)
+
+
 def score(prompt: shapes.Prompt, found: Sequence[Detected]) -> dict[str, bool | None]:
     """Each attribute of :data:`ATTRIBUTES` right (True), wrong (False) or not asked (None)."""
     want = collections.Counter((o.color, o.shape) for o in prompt.objects)

@@ -175,10 +175,23 @@ def save_toy(
     if distributed.is_primary():
         marker = {"format": "distill-jax", "version": 1, "components": list(toy.COMPONENTS)}
         write_json(dst / MARKER, {**marker, "copied": [], "source": {"format": "toy"}})
-        text = json.dumps({"world": pipeline.world(), **(meta or {})}, indent=1) + "\n"
-        (dst / toy.META_FILE).write_text(text)
+        _write_toy_meta(dst, {"world": pipeline.world(), **(meta or {})})
     distributed.sync(f"saved {dst}")
     return dst
+
+
+def save_toy_meta(path: str | Path, meta: Mapping) -> None:
+    """Adds (or replaces) top-level entries of the toy folder's ``toy.json``; its world stays."""
+    path = Path(path)
+    current = read_json(path / toy.META_FILE)
+    _write_toy_meta(path, {**current, **meta, "world": current["world"]})
+
+
+def _write_toy_meta(path: Path, meta: Mapping) -> None:
+    """``toy.json`` written whole or not at all (a temporary file renamed over it)."""
+    tmp = path / (toy.META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(path / toy.META_FILE)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -337,16 +350,21 @@ def load_pipeline(
     return pipeline
 
 
-def toy_world(path: str | Path) -> tuple[tuple[str, ...], int, int]:
-    """``(vocab, text_len, patch)`` of the toy pipeline folder at ``path``: its ``toy.json``."""
+def toy_world(path: str | Path) -> tuple[tuple[str, ...], int, toy.Autoencoder]:
+    """``(vocab, text_len, autoencoder)`` of the toy pipeline folder at ``path``: its
+    ``toy.json`` (a world with only a ``patch`` reads pixels folded that many to a side)."""
     meta_path = Path(path) / toy.META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} holds no {toy.META_FILE}: not a toy pipeline folder")
     world = read_json(meta_path).get("world")
     try:
-        return tuple(world["vocab"]), int(world["text_len"]), int(world["patch"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{meta_path}: 'world' needs vocab, text_len and patch") from None
+        ae = world.get("autoencoder")
+        ae = toy.Autoencoder.from_json(ae) if ae else toy.Autoencoder.pixels(int(world["patch"]))
+        return tuple(world["vocab"]), int(world["text_len"]), ae
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(
+            f"{meta_path}: 'world' needs vocab, text_len and an autoencoder (or patch): {e}"
+        ) from None
 
 
 def load_toy(
@@ -355,8 +373,8 @@ def load_toy(
     """The toy pipeline folder at ``path`` (written by :func:`save_toy`); parameters in
     ``dtype`` (float32 by default: the shipped teacher is stored in bfloat16 only to halve its
     files), restored as by :func:`load_model`."""
-    vocab, text_len, patch = toy_world(path)
+    vocab, text_len, autoencoder = toy_world(path)
     parts = [load_model(path, component=c, mesh=mesh, dtype=dtype) for c in toy.COMPONENTS]
-    pipeline = toy.ToyPipeline(*parts, vocab=vocab, text_len=text_len, patch=patch)
+    pipeline = toy.ToyPipeline(*parts, vocab=vocab, text_len=text_len, autoencoder=autoencoder)
     pipeline.check()
     return pipeline

@@ -41,6 +41,7 @@ from distill_jax.data.training import (
     batch_placer,
     host_rows,
     make_input,
+    shapes_autoencoder,
     shapes_text_encoder,
     toy_pipeline,
 )
@@ -411,6 +412,7 @@ class Run:
     metrics: list[dict]
     stopped_early: bool  # by a preemption notice or Ctrl-C, after saving a checkpoint
     stop_signal: int | None = None  # the signal that stopped it (SIGTERM, SIGINT)
+    seconds: float = 0.0  # wall time of this call's training loop
 
     def student(self) -> Flux:
         """The trained student on the host (gathered from every process: all must call it)."""
@@ -520,7 +522,8 @@ def train(
             axis_rules(rules),
             contextlib.closing(bar),
         ):
-            t_last, n_last = time.perf_counter(), step
+            loop_start = time.perf_counter()
+            t_last, n_last = loop_start, step
             while step < config.total_steps:
                 batch = place(next(data_iter))
                 if compiled is None:  # compile once; the executable also gives the FLOP count
@@ -587,6 +590,7 @@ def train(
         metrics=history,
         stopped_early=stopped,
         stop_signal=preempt.signum if stopped else None,
+        seconds=time.perf_counter() - loop_start,
     )
     if not stopped:
         save_student(config, run, workdir / "student")
@@ -599,7 +603,9 @@ def save_student(config: ml_collections.ConfigDict, run: Run, dst: Path) -> Path
     (:func:`~distill_jax.folders.save_model`, checksums recorded; every process must call
     this). For the shapes world it is a whole toy pipeline folder, with the text encoder that
     captioned the input (:func:`~distill_jax.folders.save_toy`): what `distill-jax sample`,
-    `distill-jax geneval` and ``load_pipeline`` read."""
+    `distill-jax geneval` and ``load_pipeline`` read; a toy teacher trained from scratch (flow
+    matching) also records its held-out accuracy as written (:func:`distill_jax.demo.measure_toy`:
+    512 prompts at its full number of steps; one process only)."""
     from distill_jax import folders
 
     params = run.state["ema"] if run.state.get("ema") is not None else run.state["params"]
@@ -614,9 +620,15 @@ def save_student(config: ml_collections.ConfigDict, run: Run, dst: Path) -> Path
             "method": config.method,
             "steps": int(jax.device_get(run.state["step"])),
             "final_loss": run.metrics[-1]["train/loss"] if run.metrics else None,
+            "seconds": round(run.seconds, 1),
         }
-        pipeline = toy_pipeline(student, text)
+        pipeline = toy_pipeline(student, text, shapes_autoencoder(config))
         path = folders.save_toy(pipeline, dst, {"training": training}, dtype=dtype)
+        if config.method == "flow_matching" and jax.process_count() == 1:
+            from distill_jax.demo import measure_toy
+
+            measured = measure_toy(folders.load_pipeline(path))
+            folders.save_toy_meta(path, {"training": training, "evaluation": measured})
     log.info("student written to %s", path)
     return path
 

@@ -216,6 +216,8 @@ def test_config_mistakes_are_one_line(overrides, message, capsys):
     [
         ("configs/nope.py", "config file 'configs/nope.py' does not exist"),
         ("configs/scm.py:bogus", "configs/scm.py: unknown argument 'bogus'"),
+        ("configs/scm.py:gamma2", "configs/scm.py: unknown argument 'gamma2' (use runlocal or"),
+        ("configs/toy_distill.py:scm,window", "unknown argument 'scm,window'"),
     ],
 )
 def test_config_file_mistakes_are_one_line(spec, message, capsys):

@@ -25,7 +25,8 @@ def test_report_schema(report_dir):
     workdir, report = report_dir
     assert json.loads((workdir / "report.json").read_text()) == json.loads(json.dumps(report))
     full = report["teacher"]["full_steps"]
-    want = [("teacher", n) for n in sorted({1, 2, 4, full})]
+    want = [("teacher", n) for n in demo.teacher_steps(full)]
+    assert demo.teacher_steps(16) == [1, 2, 4, 8, 16] and demo.teacher_steps(12) == [1, 2, 4, 8, 12]
     want += [(m, n) for m in demo.METHODS for n in demo.STUDENT_STEPS]
     assert [(r["model"], r["steps"]) for r in report["results"]] == want
     n = report["prompts"]["count"]
@@ -35,14 +36,20 @@ def test_report_schema(report_dir):
         for a in ev.ATTRIBUTES:
             assert 0.0 <= row["accuracy"][a] <= 1.0
         assert row["seconds_per_image"] > 0 and len(row["samples"]) == n
+        assert row["background_noise"] >= 0
     assert set(report["training"]) == set(demo.METHODS)
     for t in report["training"].values():
         assert t["steps"] == demo.QUICK["train_steps"] and np.isfinite(t["final_loss"])
     assert set(report["targets"]) == {f"{m}_{s}_step" for m, s in demo.TARGETS}
+    students = {f"{m}_{s}_step" for m in demo.METHODS for s in demo.STUDENT_STEPS}
+    assert set(report["clean_samples"]) == students
     table = (workdir / "report.md").read_text()
-    assert table.count("\n| teacher |") == len({1, 2, 4, full}) and "| scm | 1 |" in table
+    assert table.count("\n| teacher |") == len(want) - 6 and "| scm | 1 |" in table
     grid = Image.open(workdir / "samples.png")
     assert grid.width > demo.QUICK["grid_prompts"] * shapes.SIZE
+    plot = Image.open(workdir / "accuracy.png")
+    assert plot.format == "PNG" and plot.size == (640, 420)
+    plot.load()  # decodes: a whole, valid PNG
 
 
 def test_every_sample_can_be_rescored(report_dir):

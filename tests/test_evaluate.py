@@ -112,3 +112,23 @@ def test_accuracy_averages_only_asked_attributes():
     assert got["by_tag"] == {"single": 1.0, "position": 0.0}
     with pytest.raises(ValueError, match="3 images for 2 prompts"):
         ev.evaluate_images(np.zeros((3, 32, 32, 3), np.uint8), [Prompt("single", (A,))] * 2)
+
+
+def test_background_noise_measures_the_film_over_the_background():
+    """0 on clean renders; a constant offset of the grey reads as itself; Gaussian noise of
+    standard deviation sigma on the background reads as E|N(0, sigma)| = sigma sqrt(2 / pi)."""
+    images = shapes.render_prompts(shapes.eval_prompts(16))
+    assert np.array_equal(ev.background_noise(images), np.zeros(16))
+    grey = np.all(images == 128, axis=-1, keepdims=True)
+    shifted = np.where(grey, images + 6, images).astype(np.uint8)
+    np.testing.assert_array_equal(ev.background_noise(shifted), np.full(16, 6.0))
+    sigma = 10.0
+    noise = np.random.default_rng(0).normal(0, sigma, images.shape)
+    noisy = np.where(grey, np.clip(np.round(images + noise), 0, 255), images).astype(np.uint8)
+    want = sigma * np.sqrt(2 / np.pi)
+    np.testing.assert_allclose(ev.background_noise(noisy).mean(), want, rtol=0.03)
+    red = np.zeros((1, 32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    assert np.isnan(ev.background_noise(red)[0])  # no background at all
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+        ev.background_noise(images[0])

@@ -138,3 +138,13 @@ def test_the_step_gives_every_time_computation_the_effective_dtype(method, monke
     # sCM: the student in its tangent and gradient passes (jvp_attn_impl != attn_impl), the teacher
     assert len(calls["wrapper"]) == (3 if method == "scm" else 0)
     assert all(k["time_dtype"] == jnp.bfloat16 for k in calls["wrapper"])
+
+
+@pytest.mark.parametrize(
+    "spec", ["configs/meanflow.py:gamma2,window", "configs/toy_distill.py:meanflow,gamma2,window"]
+)
+def test_meanflow_ablation_variants_set_the_papers_values(spec):
+    """gamma2: the weight 1 / (loss + c)^p with p = -1 (a squared loss); window: CFG-MeanFlow on
+    flow times [0.3, 0.8] only (the paper's best MeanFlow run, its ablation)."""
+    m = config.load_config(spec).loss.meanflow
+    assert (m.adaptive_p, m.use_cfg, m.cfg_t_min, m.cfg_t_max) == (-1.0, True, 0.3, 0.8)

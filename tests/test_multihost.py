@@ -387,14 +387,14 @@ def test_pod_shards_a_converted_teacher_and_student_over_both_hosts(cache, tmp_p
     Parameters are not compared here: the student starts as a copy of a trained teacher, where
     most elements of the sCM gradient are float32 rounding noise, and Adam's first step turns
     each into a +-lr move; two meshes in one process (fsdp=4 against data=2 x fsdp=2) already
-    differ that way in 6.4M of 8.3M elements, by at most the learning rate."""
+    differ that way in most elements, by at most the learning rate."""
     import ast
 
     from distill_jax.pipeline.toy import TEACHER_PATH
 
     fsdp = [
         f"--config.teacher.path={TEACHER_PATH}",
-        "--config.data.latent_channels=48",  # the toy's latent (192 = 48 x 2 x 2 packed)
+        "--config.data.latent_channels=16",  # the toy's latent (64 = 16 x 2 x 2 packed)
         "--config.mesh.data=1",
         "--config.mesh.fsdp=4",
         "--config.total_steps=1",

@@ -2,6 +2,8 @@
 serves it with the samplers' own math, and its folder round-trips through save_toy and
 load_pipeline."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -21,23 +23,56 @@ def teacher():
     return load_pipeline(toy.TEACHER_PATH)
 
 
-def test_decode_is_space_to_depth(teacher):
-    """Known latents decode to ``from_latents`` of them (pixels (z + 1) 127.5, clipped); the
-    latents of a clean render decode to the render exactly."""
+def test_pixel_autoencoder_is_space_to_depth():
+    """Autoencoder.pixels decodes known latents to the pixels (z + 1) 127.5 folded 4x4, clipped,
+    and encodes a render back to exactly those latents (to_latents / from_latents)."""
     z = np.random.default_rng(0).standard_normal((2, 48, 8, 8)).astype(np.float32)
-    got = teacher.decode(lat.pack(z), 32, 32)
+    got = toy.Autoencoder.pixels(4).decode(z)
     x = z.reshape(2, 3, 4, 4, 8, 8).transpose(0, 4, 2, 5, 3, 1).reshape(2, 32, 32, 3)
     want = np.round(np.clip((x + 1) * 127.5, 0, 255)).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, toy.from_latents(z))
     images = shapes.render_prompts(shapes.eval_prompts(3))
-    np.testing.assert_array_equal(teacher.decode(lat.pack(toy.to_latents(images)), 32, 32), images)
+    np.testing.assert_array_equal(toy.from_latents(toy.to_latents(images)), images)
+
+
+def test_fitted_autoencoder_is_a_projection_the_evaluator_reads():
+    """The fitted basis is orthonormal; decode(encode(x)) is the least-squares projection of
+    each patch onto the basis (numpy's lstsq, before rounding); latents have unit variance; and
+    decoded clean renders score as the renders do."""
+    from distill_jax import evaluate as ev
+
+    source = shapes.ShapesSource("train", seed=5)
+    ae = toy.Autoencoder.fit(np.stack([source[i]["image"] for i in range(512)]), 16, 8)
+    np.testing.assert_allclose(ae.basis @ ae.basis.T, np.eye(16), atol=1e-5)
+    prompts = shapes.eval_prompts(64, seed=1)
+    images = shapes.render_prompts(prompts)
+    z = ae.encode(images)
+    assert z.shape == (64, 16, 4, 4) and abs(float(z.std()) - 1.0) < 0.1
+    x = (images.astype(np.float64) / 127.5 - 1).reshape(64, 4, 8, 4, 8, 3)
+    patches = x.transpose(0, 1, 3, 5, 2, 4).reshape(-1, 192) - ae.mean
+    coef = np.linalg.lstsq(ae.basis.T.astype(np.float64), patches.T, rcond=None)[0].T
+    want = (coef @ ae.basis + ae.mean).reshape(64, 4, 4, 3, 8, 8).transpose(0, 1, 4, 2, 5, 3)
+    want = np.round(np.clip((want.reshape(64, 32, 32, 3) + 1) * 127.5, 0, 255))
+    assert np.abs(ae.decode(z).astype(int) - want).max() <= 1  # rounding at .5 only
+    np.testing.assert_allclose(z.transpose(0, 2, 3, 1).reshape(-1, 16), coef * ae.scale, atol=1e-4)
+    summary, _ = ev.evaluate_images(ae.decode(z), prompts)
+    assert summary["overall"] == 1.0
+    again = toy.Autoencoder.from_json(json.loads(json.dumps(ae.to_json())))
+    np.testing.assert_array_equal(again.encode(images), z)
+
+
+def test_teacher_decodes_with_its_autoencoder(teacher):
+    z = np.random.default_rng(0).standard_normal((2, teacher.latent_channels, 4, 4))
+    got = teacher.decode(lat.pack(z.astype(np.float32)), 32, 32)
+    np.testing.assert_array_equal(got, teacher.autoencoder.decode(z))
 
 
 @pytest.mark.parametrize("method", ["teacher", "scm"])
 def test_generate_is_the_sampler_on_encoded_prompts(teacher, method):
     """generate = encode -> denoise on the packed noise -> decode, as the toy's own sampler was."""
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (3, 48, 8, 8)))
+    c, (h, w) = teacher.latent_channels, lat.latent_size(32, 32, vae_scale_factor=8)
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (3, c, h, w)))
     got = generate(
         teacher,
         PROMPTS,
@@ -57,13 +92,14 @@ def test_generate_is_the_sampler_on_encoded_prompts(teacher, method):
         t5,
         pooled,
         np.zeros((shapes.TEXT_LEN, 3)),
-        lat.image_ids(8, 8),
+        lat.image_ids(h, w),
         method=method,
         steps=2,
         guidance=None,
         key=key,
     )
-    np.testing.assert_array_equal(got, toy.from_latents(lat.unpack(np.asarray(packed), 8, 8)))
+    want = teacher.autoencoder.decode(lat.unpack(np.asarray(packed), h, w))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_toy_folder_round_trips(teacher, tmp_path):
@@ -78,5 +114,20 @@ def test_toy_folder_round_trips(teacher, tmp_path):
             np.testing.assert_array_equal(x, y)
     assert load_flux(saved).cfg == teacher.transformer.cfg
     (saved / toy.META_FILE).write_text('{"world": {"vocab": ["<pad>"]}}')
-    with pytest.raises(ValueError, match="needs vocab, text_len and patch"):
+    with pytest.raises(ValueError, match="needs vocab, text_len and an autoencoder"):
         load_pipeline(saved)
+
+
+def test_shipped_teacher_metadata_matches_a_fresh_measurement(teacher):
+    """toy.json's held-out accuracy (512 prompts at full steps) agrees with a measurement on the
+    first 96 of the same prompts within 4 binomial standard deviations."""
+    from distill_jax.demo import measure_toy
+
+    meta = json.loads((toy.TEACHER_PATH / toy.META_FILE).read_text())
+    recorded = meta["evaluation"]
+    assert recorded["prompts"] >= 512 and recorded["steps"] == meta["teacher_steps"]
+    fresh = measure_toy(teacher, steps=recorded["steps"], num_prompts=96, batch_size=96)
+    for attribute in ("overall", "shape", "color", "count"):
+        p = recorded["accuracy"][attribute]
+        sigma = max(np.sqrt(p * (1 - p) / 96), 1 / 96)
+        assert abs(fresh["accuracy"][attribute] - p) <= 4 * sigma, attribute

@@ -335,7 +335,8 @@ def test_init_checkpoint_starts_a_run_and_resume_uses_the_runs_checkpoints(tmp_p
 def test_toy_teacher_runlocal_writes_a_toy_pipeline_that_samples(tmp_path):
     """`distill-jax train --config configs/toy_teacher.py:runlocal` trains on the shapes world and
     writes WORKDIR/student: a toy pipeline folder (EMA transformer in bfloat16, the text encoder
-    that captioned the input) that load_pipeline reads and generate samples at 32x32."""
+    that captioned the input, the fitted autoencoder, the training time and the held-out accuracy
+    as written) that load_pipeline reads and generate samples at 32x32."""
     from flax import nnx
 
     from distill_jax.cli import main
@@ -365,8 +366,14 @@ def test_toy_teacher_runlocal_writes_a_toy_pipeline_that_samples(tmp_path):
         json.loads((workdir / "student" / "transformer" / "config.json").read_text())["dtype"]
         == "bfloat16"
     )
-    want = nnx.state(new_text_encoder(len(shapes.VOCAB), seed=0), nnx.Param)
+    want = nnx.state(new_text_encoder(len(shapes.VOCAB), seed=0, num_layers=0), nnx.Param)
     for a, b in zip(leaves(nnx.state(pipe.t5, nnx.Param)), leaves(want), strict=True):
         np.testing.assert_array_equal(a, b.astype(jax.numpy.bfloat16).astype(np.float32))
     images = generate(pipe, ["a red circle", ""], height=32, width=32, steps=2, guidance=None)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert (pipe.autoencoder.channels, pipe.autoencoder.patch) == (16, 8)
+    meta = json.loads((workdir / "student" / "toy.json").read_text())
+    assert meta["training"]["steps"] == 1 and meta["training"]["seconds"] > 0
+    evaluation = meta["evaluation"]  # the teacher's held-out accuracy, as written
+    assert (evaluation["prompts"], evaluation["steps"]) == (512, 16)
+    assert 0 <= evaluation["accuracy"]["overall"] <= 1 and evaluation["background_noise"] >= 0

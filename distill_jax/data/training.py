@@ -61,7 +61,7 @@ def make_input(
     if dc.kind == "latents":
         return _prepared_latents(dc, rows)
     if dc.kind == "shapes":
-        return _shapes(dc, shapes_text_encoder(config), rows)
+        return _shapes(dc, shapes_text_encoder(config), shapes_autoencoder(config), rows)
     raise ValueError(f"config.data.kind={dc.kind!r}: 'synthetic', 'latents' or 'shapes'")
 
 
@@ -71,12 +71,12 @@ def make_input(
 def shapes_text_encoder(config: ml_collections.ConfigDict) -> T5Encoder:
     """The frozen text encoder that captions the shapes input (float32): the toy teacher's
     (``config.teacher.path``, a toy pipeline folder), or for a teacher trained from scratch one
-    with fixed random weights drawn from ``config.seed``."""
+    with fixed random weights drawn from ``config.seed`` (``config.data.text_layers`` T5 layers)."""
     if not config.teacher.path:
-        return toy.new_text_encoder(len(shapes.VOCAB), config.seed)
+        return toy.new_text_encoder(len(shapes.VOCAB), config.seed, config.data.text_layers)
     from distill_jax.folders import load_model, toy_world
 
-    vocab, text_len, _ = toy_world(config.teacher.path)
+    vocab, text_len, _ = toy_world(config.teacher.path)  # the world is checked here
     if vocab != shapes.VOCAB or text_len != shapes.TEXT_LEN:
         raise ValueError(
             f"config.teacher.path={config.teacher.path!r} reads another shapes world (its "
@@ -86,36 +86,61 @@ def shapes_text_encoder(config: ml_collections.ConfigDict) -> T5Encoder:
     return load_model(config.teacher.path, component="text_encoder_2", dtype="float32")
 
 
-def toy_pipeline(transformer: Any, text_encoder: T5Encoder) -> toy.ToyPipeline:
-    """The toy pipeline of the shapes world with these networks."""
-    return toy.ToyPipeline(transformer, text_encoder, shapes.VOCAB, shapes.TEXT_LEN)
+# Renders of the training split the autoencoder of a teacher from scratch is fitted on.
+AUTOENCODER_FIT_RECORDS = 4096
+
+
+def shapes_autoencoder(config: ml_collections.ConfigDict) -> toy.Autoencoder:
+    """The autoencoder of the shapes input's latents: the toy teacher's (``config.teacher.path``),
+    or for a teacher trained from scratch the principal components (``config.data.ae_channels``
+    of ``config.data.ae_patch``-pixel patches) of the first renders of the training split;
+    ``ae_channels = 3 ae_patch^2`` is the pixels themselves."""
+    if config.teacher.path:
+        from distill_jax.folders import toy_world
+
+        return toy_world(config.teacher.path)[2]
+    dc = config.data
+    if dc.ae_channels == 3 * dc.ae_patch**2:
+        return toy.Autoencoder.pixels(dc.ae_patch)
+    source = shapes.ShapesSource("train", seed=0)
+    images = np.stack([source[i]["image"] for i in range(AUTOENCODER_FIT_RECORDS)])
+    return toy.Autoencoder.fit(images, dc.ae_channels, dc.ae_patch)
+
+
+def toy_pipeline(
+    transformer: Any, text_encoder: T5Encoder, autoencoder: toy.Autoencoder
+) -> toy.ToyPipeline:
+    """The toy pipeline of the shapes world with these networks and latents."""
+    return toy.ToyPipeline(transformer, text_encoder, shapes.VOCAB, shapes.TEXT_LEN, autoencoder)
 
 
 class _Captioned:
     """A shapes record -> the trainer's layout; a fraction of captions become "" (dropout)."""
 
-    def __init__(self, table: dict[str, int], t5: np.ndarray, pooled: np.ndarray, dropout: float):
+    def __init__(self, table, t5, pooled, dropout: float, autoencoder: toy.Autoencoder):
         self.table, self.t5, self.pooled, self.dropout = table, t5, pooled, dropout
+        self.autoencoder = autoencoder
 
     def __call__(self, row: dict) -> dict:
         drop = np.random.default_rng([7, row["index"]]).random() < self.dropout
         j = self.table["" if drop else row["caption"]]
         return {
-            "latents": toy.to_latents(row["image"][None])[0],
+            "latents": self.autoencoder.encode(row["image"][None])[0],
             "t5": self.t5[j],
             "pooled": self.pooled[j],
         }
 
 
-def _shapes(dc, text_encoder: T5Encoder, rows):
+def _shapes(dc, text_encoder: T5Encoder, autoencoder: toy.Autoencoder, rows):
     """The training split of the shapes world rendered on the fly (record ``i`` of
-    ``ShapesSource("train", seed=dc.shuffle_seed)``) as toy latents ``[B, 48, 8, 8]``, captions
+    ``ShapesSource("train", seed=dc.shuffle_seed)``) as ``autoencoder`` latents, captions
     through ``text_encoder``, ``dc.caption_dropout`` of them dropped to "". Every training
     prompt's embeddings are computed once."""
     texts = [""] + [p.text for p in shapes.split_prompts("train")]
     t5, pooled = toy.encode_text(text_encoder, texts, shapes.VOCAB, shapes.TEXT_LEN)
     t5, pooled = np.asarray(t5, np.float32), np.asarray(pooled, np.float32)
-    captioned = _Captioned({t: i for i, t in enumerate(texts)}, t5, pooled, dc.caption_dropout)
+    table = {t: i for i, t in enumerate(texts)}
+    captioned = _Captioned(table, t5, pooled, dc.caption_dropout, autoencoder)
     batches = input_pipeline.global_batches(
         shapes.ShapesSource("train", seed=dc.shuffle_seed),
         global_batch=dc.batch_size,

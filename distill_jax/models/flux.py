@@ -152,17 +152,17 @@ class FluxConfig:
     @classmethod
     def toy(cls) -> FluxConfig:
         """The toy teacher of the shapes world (:mod:`distill_jax.pipeline.toy`): 1 double + 2
-        single blocks of width 384 (6 heads of 64; 8.3M parameters) over 4x4 space-to-depth
-        pixels (48 channels, 192 packed) and a 64-wide text encoder. The width is well above a
-        token's 192 channels: the velocity carries the noise through the residual stream.
-        ``time_scale=1`` as the paper's rescaled teacher (spec 2.2), no guidance embedding, so
-        that sCM and MeanFlow distil it directly."""
+        single blocks of width 384 (6 heads of 64) over the toy autoencoder's latents (16
+        channels, 64 packed: one token per cell of the world) and a 64-wide text encoder. The
+        width is well above a token's 64 channels: the velocity carries the noise through the
+        residual stream. ``time_scale=1`` as the paper's rescaled teacher (spec 2.2), no guidance
+        embedding, so that sCM and MeanFlow distil it directly."""
         return cls(
             num_double=1,
             num_single=2,
             num_heads=6,
             head_dim=64,
-            in_channels=192,
+            in_channels=64,
             context_dim=64,
             pooled_dim=64,
             axes_dim=(8, 28, 28),

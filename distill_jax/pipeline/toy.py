@@ -2,15 +2,20 @@
 
 The pieces mirror FLUX's, shrunk until a laptop CPU trains and distils them in minutes:
 
-- **Latents** are the pixels themselves, 4x4 space-to-depth: a 32x32 RGB image in [-1, 1] is
-  ``[48, 8, 8]`` (channels ``(c, dy, dx)``), which FLUX's 2x2 packing turns into 16 tokens of
-  192 channels (each object of the shapes world covers 2x2 of them). The "autoencoder" is exact
-  and free (:func:`to_latents`, :func:`from_latents`).
-- **Text** is the word-level vocabulary of the captions (:func:`tokenize`) through a tiny T5
+- **Latents** come from a linear autoencoder (:class:`Autoencoder`): each 8x8-pixel RGB patch of
+  a 32x32 image in [-1, 1] onto the first 16 principal components of training renders, so an
+  image is ``[16, 4, 4]`` (16 channels at 1/8 the side, as FLUX's VAE) and FLUX's 2x2 packing
+  gives 4 tokens of 64 channels, one per cell of the shapes world. Decoding is the transpose;
+  the evaluator reads decoded clean renders as it reads the renders. (A world whose ``toy.json``
+  names only a ``patch`` reads the pixels themselves, folded ``patch x patch``.)
+- **Text** is the word-level vocabulary of the captions (:func:`tokenize`) through a T5
   encoder with fixed random weights plus absolute sinusoidal positions (FLUX's text position ids
   are all zero, so the encoder must carry word order: "a red circle left of a blue square"
-  differs from its mirror only in order). The pooled vector (CLIP's role) is the mean over the
-  caption's tokens.
+  differs from its mirror only in order). The shipped teacher's has no layers: each token is its
+  word's embedding plus its position, so "square" reads the same beside any colour (random layers
+  mixed the words, and the teacher then drew held-out colour-shape pairs with the shapes their
+  colours were trained with). The pooled vector (CLIP's role) is the mean over the caption's
+  tokens.
 - **The transformer** is :class:`~distill_jax.models.flux.Flux` of the ``toy`` preset,
   ``time_scale=1`` and no guidance embedding, trained by the project's own trainer with flow
   matching (``distill-jax train --config configs/toy_teacher.py``); sCM and MeanFlow distil it
@@ -47,14 +52,17 @@ PATCH = 4  # pixels per side folded into channels by space-to-depth
 TEACHER_STEPS = 16  # the teacher's full number of Euler steps
 
 
-def text_config(vocab_size: int) -> T5Config:
-    """The frozen toy text encoder: 2 T5 layers of width 64 over a caption vocabulary."""
-    return T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+def text_config(vocab_size: int, num_layers: int = 2) -> T5Config:
+    """The frozen toy text encoder: ``num_layers`` T5 layers of width 64 over a caption
+    vocabulary (0: word embeddings and positions alone)."""
+    return T5Config(
+        vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=num_layers, num_heads=4
+    )
 
 
-def new_text_encoder(vocab_size: int, seed: int = 0) -> T5Encoder:
+def new_text_encoder(vocab_size: int, seed: int = 0, num_layers: int = 2) -> T5Encoder:
     """A text encoder with fixed random weights, for a teacher trained from scratch."""
-    return T5Encoder(text_config(vocab_size), rngs=nnx.Rngs(seed))
+    return T5Encoder(text_config(vocab_size, num_layers), rngs=nnx.Rngs(seed))
 
 
 # --- text -------------------------------------------------------------------------------------
@@ -115,19 +123,102 @@ def _encode(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array):
 # --- latents ----------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Autoencoder:
+    """The toy's VAE: a linear map of each ``patch x patch`` RGB patch to ``C`` latent channels.
+
+    ``encode``: pixels in [-1, 1] folded ``patch x patch`` into ``3 p^2`` values (channels
+    ``(c, dy, dx)``), minus ``mean``, onto the orthonormal rows of ``basis [C, 3 p^2]``, times
+    ``scale``; ``decode`` is its transpose (then clipped and rounded to uint8). With ``C = 3 p^2``
+    and the identity basis (:meth:`pixels`) it is lossless space-to-depth; :meth:`fit` takes the
+    principal components of training renders, which for the shapes world lose nothing the
+    evaluator sees at 16 channels of 8x8 patches (as FLUX's VAE: 16 channels at 1/8 the side).
+    """
+
+    mean: np.ndarray  # [3 p^2] float32
+    basis: np.ndarray  # [C, 3 p^2] float32, orthonormal rows
+    scale: float
+    patch: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.basis.shape[0])
+
+    @classmethod
+    def pixels(cls, patch: int = PATCH) -> Autoencoder:
+        """Space-to-depth: the pixels themselves, ``3 p^2`` channels."""
+        d = 3 * patch * patch
+        return cls(np.zeros(d, np.float32), np.eye(d, dtype=np.float32), 1.0, patch)
+
+    @classmethod
+    def fit(cls, images: np.ndarray, channels: int, patch: int) -> Autoencoder:
+        """The first ``channels`` principal components of the ``patch x patch`` patches of
+        uint8 ``images [N, H, W, 3]``, scaled so the latents have unit variance overall."""
+        x = _fold(_to_unit(images), patch)  # [N, h, w, D]
+        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        if not 0 < channels <= x.shape[-1]:
+            raise ValueError(f"channels={channels} must be in [1, {x.shape[-1]}]")
+        mean = x.mean(0)
+        _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+        basis = vt[:channels] * np.sign(vt[:channels].sum(1, keepdims=True) + 1e-12)
+        scale = 1.0 / float(np.sqrt((sv[:channels] ** 2).sum() / (len(x) * channels)))
+        return cls(mean.astype(np.float32), basis.astype(np.float32), scale, patch)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` -> latents ``[B, C, H/p, W/p]`` float32."""
+        z = (_fold(_to_unit(images), self.patch) - self.mean) @ self.basis.T * self.scale
+        return np.ascontiguousarray(z.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents ``[B, C, h, w]`` -> uint8 ``[B, p h, p w, 3]`` (clipped, rounded)."""
+        z = np.asarray(latents, np.float32).transpose(0, 2, 3, 1) / np.float32(self.scale)
+        x = einops.rearrange(
+            z @ self.basis + self.mean,
+            "b h w (c dy dx) -> b (h dy) (w dx) c",
+            dy=self.patch,
+            dx=self.patch,
+        )
+        return np.round(np.clip((x + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+    def to_json(self) -> dict:
+        return {
+            "patch": self.patch,
+            "scale": self.scale,
+            "mean": self.mean.tolist(),
+            "basis": self.basis.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Autoencoder:
+        mean, basis = np.asarray(d["mean"], np.float32), np.asarray(d["basis"], np.float32)
+        patch = int(d["patch"])
+        if basis.ndim != 2 or basis.shape[1] != mean.shape[0] or mean.shape[0] != 3 * patch**2:
+            raise ValueError(
+                f"autoencoder: basis {list(basis.shape)} and mean {list(mean.shape)} do not fit "
+                f"{patch}x{patch} RGB patches"
+            )
+        return cls(mean, basis, float(d["scale"]), patch)
+
+
+def _to_unit(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images).astype(np.float32) / 127.5 - 1.0
+
+
+def _fold(x: np.ndarray, patch: int) -> np.ndarray:
+    """``[B, H, W, 3]`` -> ``[B, H/p, W/p, 3 p^2]`` (channels ``(c, dy, dx)``)."""
+    return einops.rearrange(x, "b (h dy) (w dx) c -> b h w (c dy dx)", dy=patch, dx=patch)
+
+
 def to_latents(images: np.ndarray, patch: int = PATCH) -> np.ndarray:
     """uint8 images ``[B, H, W, 3]`` -> latents ``[B, 3 p^2, H/p, W/p]`` float32: pixels in
-    [-1, 1] folded ``p x p`` into channels."""
-    x = np.asarray(images).astype(np.float32) / 127.5 - 1.0
-    return einops.rearrange(x, "b (h dy) (w dx) c -> b (c dy dx) h w", dy=patch, dx=patch)
+    [-1, 1] folded ``p x p`` into channels (:meth:`Autoencoder.pixels`)."""
+    x = _fold(_to_unit(images), patch)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def from_latents(latents: np.ndarray, patch: int = PATCH) -> np.ndarray:
     """Latents ``[B, 3 p^2, h, w]`` -> uint8 images ``[B, p h, p w, 3]`` (clipped, rounded)."""
-    x = einops.rearrange(
-        np.asarray(latents, np.float32), "b (c dy dx) h w -> b (h dy) (w dx) c", dy=patch, dx=patch
-    )
-    return np.round(np.clip((x + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+    return Autoencoder.pixels(patch).decode(latents)
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -136,24 +227,25 @@ def from_latents(latents: np.ndarray, patch: int = PATCH) -> np.ndarray:
 @dataclasses.dataclass
 class ToyPipeline:
     """The toy's transformer and text encoder, and the world it reads: ``vocab`` (id 0 pads),
-    captions of ``text_len`` words, ``patch`` pixels per latent cell. ``transformer`` is any
-    :class:`Flux` over the toy latents: the teacher, or an sCM or MeanFlow student."""
+    captions of ``text_len`` words, the ``autoencoder`` of its latents (default: pixels folded
+    4x4). ``transformer`` is any :class:`Flux` over the toy latents: the teacher, or an sCM or
+    MeanFlow student."""
 
     transformer: Flux
     t5: T5Encoder
     vocab: tuple[str, ...]
     text_len: int
-    patch: int = PATCH
+    autoencoder: Autoencoder = dataclasses.field(default_factory=Autoencoder.pixels)
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (4)."""
-        return self.patch
+        """Pixels per latent cell (the autoencoder's patch)."""
+        return self.autoencoder.patch
 
     @property
     def latent_channels(self) -> int:
-        """Channels ``C`` of the unpacked latent: RGB times the patch (48)."""
-        return 3 * self.patch * self.patch
+        """Channels ``C`` of the unpacked latent (the autoencoder's)."""
+        return self.autoencoder.channels
 
     def encode(
         self, prompts: str | Sequence[str], max_sequence_length: int | None = None
@@ -168,8 +260,8 @@ class ToyPipeline:
 
     def decode(self, packed: jax.Array, height: int, width: int) -> np.ndarray:
         """Packed latents ``[B, L, 4C]`` -> uint8 images ``[B, height, width, 3]``."""
-        h, w = lat.latent_size(height, width, vae_scale_factor=self.patch)
-        return from_latents(lat.unpack(np.asarray(packed, np.float32), h, w), self.patch)
+        h, w = lat.latent_size(height, width, vae_scale_factor=self.vae_scale_factor)
+        return self.autoencoder.decode(lat.unpack(np.asarray(packed, np.float32), h, w))
 
     def check(self) -> None:
         """Raises ``ValueError`` when the parts do not fit together (widths, channels, words)."""
@@ -178,7 +270,7 @@ class ToyPipeline:
         if flux.in_channels != 4 * self.latent_channels or flux.out != flux.in_channels:
             problems.append(
                 f"transformer in/out channels {flux.in_channels}/{flux.out} != 4 x "
-                f"{self.latent_channels} (RGB in {self.patch}x{self.patch} patches)"
+                f"{self.latent_channels} (the autoencoder's latent channels)"
             )
         if flux.context_dim != text.d_model or flux.pooled_dim != text.d_model:
             problems.append(
@@ -193,9 +285,9 @@ class ToyPipeline:
     def world(self) -> dict:
         """What ``toy.json`` records of the world the pipeline reads."""
         return {
-            "patch": self.patch,
             "text_len": self.text_len,
             "vocab": list(self.vocab),
+            "autoencoder": self.autoencoder.to_json(),
         }
 
     def with_transformer(self, transformer: Flux) -> ToyPipeline:
@@ -203,6 +295,7 @@ class ToyPipeline:
 
 
 __all__ = [
+    "Autoencoder",
     "META_FILE",
     "PATCH",
     "TEACHER_PATH",
