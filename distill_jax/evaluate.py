@@ -98,8 +98,7 @@ def detect(image: np.ndarray, min_area: int = MIN_AREA) -> list[Detected]:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"detect expects one RGB image [H, W, 3], got {list(image.shape)}")
-    d = image.astype(np.float32)[:, :, None, :] - _PALETTE  # [H, W, 7, 3]
-    labels = np.argmin(np.einsum("hwkc,hwkc->hwk", d, d), axis=-1)  # [H, W]; 0 = background
+    labels = _palette_labels(image)  # [H, W]; 0 = background
     found = []
     for k in range(1, len(_PALETTE)):
         components, n = ndimage.label(labels == k)  # 4-connectivity
@@ -122,6 +121,13 @@ def detect(image: np.ndarray, min_area: int = MIN_AREA) -> list[Detected]:
     return found
 
 
+def _palette_labels(pixels: np.ndarray) -> np.ndarray:
+    """The nearest palette colour of each RGB pixel ``[..., 3]``: ``[...]`` indices into
+    ``_PALETTE``, 0 the background."""
+    d = np.asarray(pixels, np.float32)[..., None, :] - _PALETTE  # [..., 7, 3]
+    return np.argmin(np.einsum("...kc,...kc->...k", d, d), axis=-1)
+
+
 def background_noise(images: np.ndarray) -> np.ndarray:
     """Mean ``|pixel - 128|`` over each image's background pixels, per image ``[N]`` float
     (0 for a clean render): a film of noise that leaves the objects readable still shows here.
@@ -133,8 +139,7 @@ def background_noise(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"background_noise expects images [N, H, W, 3], got {list(images.shape)}")
     x = images.astype(np.float32)
-    d = x[..., None, :] - _PALETTE  # [N, H, W, 7, 3]
-    grey = np.argmin(np.einsum("nhwkc,nhwkc->nhwk", d, d), axis=-1) == 0  # [N, H, W]
+    grey = _palette_labels(images) == 0  # [N, H, W]
     inner = ndimage.binary_erosion(grey, structure=np.ones((1, 3, 3), bool), border_value=1)
     dev = np.abs(x - np.asarray(shapes.BACKGROUND, np.float32)).mean(-1)  # [N, H, W]
     count = inner.sum((1, 2))

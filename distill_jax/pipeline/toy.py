@@ -212,8 +212,7 @@ def _fold(x: np.ndarray, patch: int) -> np.ndarray:
 def to_latents(images: np.ndarray, patch: int = PATCH) -> np.ndarray:
     """uint8 images ``[B, H, W, 3]`` -> latents ``[B, 3 p^2, H/p, W/p]`` float32: pixels in
     [-1, 1] folded ``p x p`` into channels (:meth:`Autoencoder.pixels`)."""
-    x = _fold(_to_unit(images), patch)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return Autoencoder.pixels(patch).encode(images)
 
 
 def from_latents(latents: np.ndarray, patch: int = PATCH) -> np.ndarray:
