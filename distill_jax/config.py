@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     # (principal components; 3 ae_patch^2 = the pixels themselves)
     c.data.ae_channels = 48
     c.data.ae_patch = 4
+    c.data.ae_kind = "linear"  # or "mask_colour" (distill_jax.pipeline.toy.AUTOENCODERS)
+    c.data.text_context = 0  # shapes, from scratch: neighbours in each word's token (0, 1, 2)
 
     # Shared loss settings, then one group per method whose fields are the keyword arguments of
     # its pure loss in distill_jax.losses (the trainer passes **config.loss.<method>).
@@ -289,13 +291,15 @@ def toy_config(method: str = "flow_matching") -> ml_collections.ConfigDict:
     c.model.dtype, c.model.remat = "float32", "none"
     c.data.kind = "shapes"
     c.data.text_layers = 0  # word embeddings and positions: the words' meaning is not mixed
-    c.data.ae_channels, c.data.ae_patch = 16, 8  # 16 channels at 1/8 the side, as FLUX's VAE
+    # 16 channels at 1/8 the side, as FLUX's VAE; each patch's object mask apart from its colour
+    c.data.ae_kind, c.data.ae_channels, c.data.ae_patch = "mask_colour", 16, 8
+    c.data.text_context = 2  # each word's token holds its neighbours (toy.encode_text)
     c.log_every, c.async_checkpoints = 50, False
     c.loss.guidance_values = (0.0,)  # no guidance embedder: unused
     c.mesh.data, c.mesh.fsdp = -1, 1
     c.optim.clip = 1.0
     if method == "flow_matching":
-        c.total_steps, c.checkpoint_every = 14000, 1000
+        c.total_steps, c.checkpoint_every = 12000, 1000
         c.data.batch_size = 64
         c.loss.flow_matching.logit_mean = 1.0  # logit-normal(1, 1): median flow time 0.73
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 6e-4, 200, "cosine"

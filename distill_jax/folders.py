@@ -350,17 +350,24 @@ def load_pipeline(
     return pipeline
 
 
-def toy_world(path: str | Path) -> tuple[tuple[str, ...], int, toy.Autoencoder]:
-    """``(vocab, text_len, autoencoder)`` of the toy pipeline folder at ``path``: its
-    ``toy.json`` (a world with only a ``patch`` reads pixels folded that many to a side)."""
+def toy_world(path: str | Path) -> dict[str, Any]:
+    """``{vocab, text_len, autoencoder, text_context}`` of the toy pipeline folder at ``path``
+    (:class:`~distill_jax.pipeline.toy.ToyPipeline`'s fields): its ``toy.json`` (a world with
+    only a ``patch`` reads pixels folded that many to a side; without ``text_context``, words
+    alone)."""
     meta_path = Path(path) / toy.META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} holds no {toy.META_FILE}: not a toy pipeline folder")
     world = read_json(meta_path).get("world")
     try:
         ae = world.get("autoencoder")
-        ae = toy.Autoencoder.from_json(ae) if ae else toy.Autoencoder.pixels(int(world["patch"]))
-        return tuple(world["vocab"]), int(world["text_len"]), ae
+        ae = toy.autoencoder_from_json(ae) if ae else toy.Autoencoder.pixels(int(world["patch"]))
+        return {
+            "vocab": tuple(world["vocab"]),
+            "text_len": int(world["text_len"]),
+            "autoencoder": ae,
+            "text_context": int(world.get("text_context", 0)),
+        }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(
             f"{meta_path}: 'world' needs vocab, text_len and an autoencoder (or patch): {e}"
@@ -373,8 +380,8 @@ def load_toy(
     """The toy pipeline folder at ``path`` (written by :func:`save_toy`); parameters in
     ``dtype`` (float32 by default: the shipped teacher is stored in bfloat16 only to halve its
     files), restored as by :func:`load_model`."""
-    vocab, text_len, autoencoder = toy_world(path)
+    world = toy_world(path)
     parts = [load_model(path, component=c, mesh=mesh, dtype=dtype) for c in toy.COMPONENTS]
-    pipeline = toy.ToyPipeline(*parts, vocab=vocab, text_len=text_len, autoencoder=autoencoder)
+    pipeline = toy.ToyPipeline(*parts, **world)
     pipeline.check()
     return pipeline

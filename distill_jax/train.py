@@ -41,8 +41,8 @@ from distill_jax.data.training import (
     batch_placer,
     host_rows,
     make_input,
-    shapes_autoencoder,
     shapes_text_encoder,
+    shapes_world,
     toy_pipeline,
 )
 from distill_jax.methods import (
@@ -622,7 +622,7 @@ def save_student(config: ml_collections.ConfigDict, run: Run, dst: Path) -> Path
             "final_loss": run.metrics[-1]["train/loss"] if run.metrics else None,
             "seconds": round(run.seconds, 1),
         }
-        pipeline = toy_pipeline(student, text, shapes_autoencoder(config))
+        pipeline = toy_pipeline(student, text, shapes_world(config))
         path = folders.save_toy(pipeline, dst, {"training": training}, dtype=dtype)
         if config.method == "flow_matching" and jax.process_count() == 1:
             from distill_jax.demo import measure_toy

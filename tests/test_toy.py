@@ -62,6 +62,85 @@ def test_fitted_autoencoder_is_a_projection_the_evaluator_reads():
     np.testing.assert_array_equal(again.encode(images), z)
 
 
+def test_mask_colour_autoencoder_holds_shape_and_colour_apart():
+    """Clean renders round-trip exactly and score 100%; the colour channels of an occupied patch
+    are (colour - background) x colour_scale and of an empty one zero; a red and a blue circle in
+    one place have the same mask channels; decode is the renderer's blend of a known latent."""
+    from distill_jax import evaluate as ev
+
+    source = shapes.ShapesSource("train", seed=5)
+    ae = toy.MaskColourAutoencoder.fit(np.stack([source[i]["image"] for i in range(512)]), 16, 8)
+    assert ae.channels == 16
+    prompts = shapes.eval_prompts(64, seed=1)
+    images = shapes.render_prompts(prompts)
+    z = ae.encode(images)
+    assert z.shape == (64, 16, 4, 4) and abs(float(z.std()) - 1.0) < 0.1
+    np.testing.assert_array_equal(ae.decode(z), images)
+    assert ev.evaluate_images(ae.decode(z), prompts)[0]["overall"] == 1.0
+
+    def circle(colour):
+        return shapes.render([shapes.Placed(shapes.Obj(colour, "circle"), 8.0, 8.0, 12.0)])
+
+    red, blue = ae.encode(np.stack([circle("red"), circle("blue")]))
+    np.testing.assert_allclose(red[:13], blue[:13], atol=1e-5)
+    bg = np.asarray(shapes.BACKGROUND) / 127.5 - 1
+    for z1, colour in ((red, "red"), (blue, "blue")):
+        want = (np.asarray(shapes.COLORS[colour]) / 127.5 - 1 - bg) * ae.colour_scale
+        np.testing.assert_allclose(
+            z1[13:, :2, :2], np.broadcast_to(want[:, None, None], (3, 2, 2)), atol=1e-5
+        )
+        np.testing.assert_array_equal(z1[13:, 2:], 0.0)
+        np.testing.assert_array_equal(z1[13:, :, 2:], 0.0)
+
+    m = np.random.default_rng(0).uniform(-0.5, 1.5, (1, 4, 4, 64)).astype(np.float32)
+    c = np.random.default_rng(1).uniform(-1, 1, (1, 4, 4, 3)).astype(np.float32)
+    zc = np.concatenate(
+        [(m - ae.mask_mean) @ ae.mask_basis.T * ae.mask_scale, c * ae.colour_scale], -1
+    )
+    projected = ((m - ae.mask_mean) @ ae.mask_basis.T @ ae.mask_basis + ae.mask_mean).reshape(
+        4, 4, 8, 8
+    )
+    pixels = bg + np.clip(projected, 0, 1)[..., None] * c[0][:, :, None, None, :]  # [h, w, 8, 8, 3]
+    want = np.round(
+        np.clip((pixels.transpose(0, 2, 1, 3, 4).reshape(32, 32, 3) + 1) * 127.5, 0, 255)
+    )
+    got = ae.decode(zc.transpose(0, 3, 1, 2))[0].astype(int)
+    assert np.abs(got - want).max() <= 1  # rounding at .5 only
+    again = toy.autoencoder_from_json(json.loads(json.dumps(ae.to_json())))
+    assert isinstance(again, toy.MaskColourAutoencoder)
+    np.testing.assert_array_equal(again.encode(images), z)
+    with pytest.raises(ValueError, match="autoencoder kind 'vq'"):
+        toy.autoencoder_from_json({**ae.to_json(), "kind": "vq"})
+
+
+@pytest.mark.parametrize("context", [0, 1, 2])
+def test_text_context_folds_neighbouring_words_into_each_token(context):
+    """Each word's token is its embedding, plus (context >= 1) its predecessor's rolled by a third
+    of the width, plus (context 2) its successor's rolled by two thirds (no neighbour past either
+    end; nothing added to padding), plus the position; then the final norm."""
+    t5 = toy.new_text_encoder(len(shapes.VOCAB), seed=3, num_layers=0)
+    prompts = ["a red circle", "two blue squares", "a red circle left of a blue square"]
+    got, pooled = toy.encode_text(t5, prompts, shapes.VOCAB, shapes.TEXT_LEN, context=context)
+    ids = toy.tokenize(prompts, shapes.VOCAB, shapes.TEXT_LEN)
+    e = np.asarray(t5.embed.embedding[...])[ids]  # [B, S, D]
+    x = e.copy()
+    for b, prompt in enumerate(prompts):
+        n = len(prompt.split())
+        for i in range(n):
+            if context >= 1 and i > 0:
+                x[b, i] += np.roll(e[b, i - 1], 21)
+            if context >= 2 and i + 1 < n:
+                x[b, i] += np.roll(e[b, i + 1], 42)
+    x = x + toy._sinusoid(shapes.TEXT_LEN, 64)
+    w = np.asarray(t5.final_norm.scale[...])
+    want = x / np.sqrt((x * x).mean(-1, keepdims=True) + t5.final_norm.eps) * w
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    words = (ids > 0)[..., None]
+    np.testing.assert_allclose(np.asarray(pooled), (want * words).sum(1) / words.sum(1), atol=1e-5)
+    with pytest.raises(ValueError, match="text context=3"):
+        toy.encode_text(t5, prompts, shapes.VOCAB, shapes.TEXT_LEN, context=3)
+
+
 def test_teacher_decodes_with_its_autoencoder(teacher):
     z = np.random.default_rng(0).standard_normal((2, teacher.latent_channels, 4, 4))
     got = teacher.decode(lat.pack(z.astype(np.float32)), 32, 32)

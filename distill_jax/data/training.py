@@ -61,7 +61,8 @@ def make_input(
     if dc.kind == "latents":
         return _prepared_latents(dc, rows)
     if dc.kind == "shapes":
-        return _shapes(dc, shapes_text_encoder(config), shapes_autoencoder(config), rows)
+        world = shapes_world(config)
+        return _shapes(dc, shapes_text_encoder(config), world, rows)
     raise ValueError(f"config.data.kind={dc.kind!r}: 'synthetic', 'latents' or 'shapes'")
 
 
@@ -76,8 +77,8 @@ def shapes_text_encoder(config: ml_collections.ConfigDict) -> T5Encoder:
         return toy.new_text_encoder(len(shapes.VOCAB), config.seed, config.data.text_layers)
     from distill_jax.folders import load_model, toy_world
 
-    vocab, text_len, _ = toy_world(config.teacher.path)  # the world is checked here
-    if vocab != shapes.VOCAB or text_len != shapes.TEXT_LEN:
+    world = toy_world(config.teacher.path)  # the world is checked here
+    if world["vocab"] != shapes.VOCAB or world["text_len"] != shapes.TEXT_LEN:
         raise ValueError(
             f"config.teacher.path={config.teacher.path!r} reads another shapes world (its "
             "vocabulary or caption length differ from distill_jax.data.shapes')"
@@ -90,34 +91,38 @@ def shapes_text_encoder(config: ml_collections.ConfigDict) -> T5Encoder:
 AUTOENCODER_FIT_RECORDS = 4096
 
 
-def shapes_autoencoder(config: ml_collections.ConfigDict) -> toy.Autoencoder:
-    """The autoencoder of the shapes input's latents: the toy teacher's (``config.teacher.path``),
-    or for a teacher trained from scratch the principal components (``config.data.ae_channels``
-    of ``config.data.ae_patch``-pixel patches) of the first renders of the training split;
-    ``ae_channels = 3 ae_patch^2`` is the pixels themselves."""
+def shapes_world(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """How the shapes input reads the world (:func:`distill_jax.folders.toy_world`'s dict): the
+    toy teacher's (``config.teacher.path``), or for a teacher trained from scratch the
+    vocabulary, ``config.data.text_context`` and an autoencoder fitted to the first renders of
+    the training split (``config.data.ae_kind``, ``ae_channels`` per ``ae_patch``-pixel patch;
+    ``ae_channels = 3 ae_patch^2`` of kind linear is the pixels themselves)."""
     if config.teacher.path:
         from distill_jax.folders import toy_world
 
-        return toy_world(config.teacher.path)[2]
+        return toy_world(config.teacher.path)
     dc = config.data
-    if dc.ae_channels == 3 * dc.ae_patch**2:
-        return toy.Autoencoder.pixels(dc.ae_patch)
+    world = {"vocab": shapes.VOCAB, "text_len": shapes.TEXT_LEN, "text_context": dc.text_context}
+    if dc.ae_kind == "linear" and dc.ae_channels == 3 * dc.ae_patch**2:
+        return {**world, "autoencoder": toy.Autoencoder.pixels(dc.ae_patch)}
+    if dc.ae_kind not in toy.AUTOENCODERS:
+        raise ValueError(f"config.data.ae_kind={dc.ae_kind!r}: one of {list(toy.AUTOENCODERS)}")
     source = shapes.ShapesSource("train", seed=0)
     images = np.stack([source[i]["image"] for i in range(AUTOENCODER_FIT_RECORDS)])
-    return toy.Autoencoder.fit(images, dc.ae_channels, dc.ae_patch)
+    ae = toy.AUTOENCODERS[dc.ae_kind].fit(images, dc.ae_channels, dc.ae_patch)
+    return {**world, "autoencoder": ae}
 
 
-def toy_pipeline(
-    transformer: Any, text_encoder: T5Encoder, autoencoder: toy.Autoencoder
-) -> toy.ToyPipeline:
-    """The toy pipeline of the shapes world with these networks and latents."""
-    return toy.ToyPipeline(transformer, text_encoder, shapes.VOCAB, shapes.TEXT_LEN, autoencoder)
+def toy_pipeline(transformer: Any, text_encoder: T5Encoder, world: dict) -> toy.ToyPipeline:
+    """The toy pipeline of the shapes world with these networks, reading ``world``
+    (:func:`shapes_world`)."""
+    return toy.ToyPipeline(transformer, text_encoder, **world)
 
 
 class _Captioned:
     """A shapes record -> the trainer's layout; a fraction of captions become "" (dropout)."""
 
-    def __init__(self, table, t5, pooled, dropout: float, autoencoder: toy.Autoencoder):
+    def __init__(self, table, t5, pooled, dropout: float, autoencoder):
         self.table, self.t5, self.pooled, self.dropout = table, t5, pooled, dropout
         self.autoencoder = autoencoder
 
@@ -131,13 +136,16 @@ class _Captioned:
         }
 
 
-def _shapes(dc, text_encoder: T5Encoder, autoencoder: toy.Autoencoder, rows):
+def _shapes(dc, text_encoder: T5Encoder, world: dict, rows):
     """The training split of the shapes world rendered on the fly (record ``i`` of
-    ``ShapesSource("train", seed=dc.shuffle_seed)``) as ``autoencoder`` latents, captions
-    through ``text_encoder``, ``dc.caption_dropout`` of them dropped to "". Every training
-    prompt's embeddings are computed once."""
+    ``ShapesSource("train", seed=dc.shuffle_seed)``) as latents of the world's autoencoder,
+    captions through ``text_encoder`` as the world reads them, ``dc.caption_dropout`` of them
+    dropped to "". Every training prompt's embeddings are computed once."""
     texts = [""] + [p.text for p in shapes.split_prompts("train")]
-    t5, pooled = toy.encode_text(text_encoder, texts, shapes.VOCAB, shapes.TEXT_LEN)
+    t5, pooled = toy.encode_text(
+        text_encoder, texts, shapes.VOCAB, shapes.TEXT_LEN, context=world["text_context"]
+    )
+    autoencoder = world["autoencoder"]
     t5, pooled = np.asarray(t5, np.float32), np.asarray(pooled, np.float32)
     table = {t: i for i, t in enumerate(texts)}
     captioned = _Captioned(table, t5, pooled, dc.caption_dropout, autoencoder)
