@@ -30,12 +30,18 @@ from distill_jax.config import toy_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = toy_config("flow_matching")
-    if arg == "runlocal":
+    names = [a for a in (arg or "").split(",") if a]
+    unknown = [a for a in names if a not in ("runlocal", "stock")]
+    if unknown:
+        raise ValueError(
+            f"configs/toy_teacher.py: unknown argument {arg!r} (use stock, runlocal, both "
+            "comma-separated, or nothing)"
+        )
+    if "stock" in names:
+        c.model.overrides.time_scale = 1000.0  # embeds 1000 t, as stock FLUX does
+        c.total_steps = 4000
+    if "runlocal" in names:
         c.total_steps, c.log_every, c.checkpoint_every = 20, 5, 10
         c.data.batch_size = 16
         c.optim.warmup_steps = 0
-    elif arg:
-        raise ValueError(
-            f"configs/toy_teacher.py: unknown argument {arg!r} (use runlocal or nothing)"
-        )
     return c

@@ -5,6 +5,7 @@
     distill-jax sample CKPT --prompt "a red cube" [--prompt ...] --out DIR [--method scm ...]
     distill-jax train --config configs/scm.py[:runlocal] --workdir DIR [--config.x=y] [--dry-run]
     distill-jax prepare SOURCE OUT --pipeline CKPT [--resolution 512]
+    distill-jax prepare --prompts FILE OUT --pipeline CKPT [--steps N] [--samples-per-prompt K]
     distill-jax demo [--workdir DIR]
     distill-jax geneval --checkpoint DIR --metadata evaluation_metadata.jsonl --out DIR
 
@@ -263,7 +264,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         choices=("none", "full", "extrapolate"),
         default="none",
         help="with --dry-run: also compile the step and report XLA's temporary bytes ('full'), "
-        "or compile at depths 1+1, 2+1, 1+2 and extrapolate ('extrapolate'); on CPU stand-ins "
+        "or compile at depths 1+1, 2+1, 1+2 and extrapolate ('extrapolate'; with scanned blocks, "
+        "config.model.scan_layers, the full-depth step is compiled instead); on CPU stand-ins "
         "these ignore rematerialization (default: none; residuals need no compile)",
     )
     p.add_argument(
@@ -315,30 +317,78 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare",
-        help="images + captions -> VAE latents + T5/CLIP embeddings (a training dataset)",
+        help="images + captions, or prompts alone, -> latents + text embeddings (a training "
+        "dataset)",
         description="Encodes an image-caption source (a folder with metadata.jsonl or side-car "
         ".txt captions, parquet shards, or a built image dataset) with a converted pipeline's "
-        "VAE and text encoders into a TFDS array_record dataset for `train`. Resumable (finished "
-        "shards are kept) and split across hosts.",
+        "VAE and text encoders into a TFDS array_record dataset for `train`. Without images, "
+        "--prompts FILE instead has the pipeline's transformer (the teacher) sample a clean "
+        "latent for each prompt with its own sampler at its full step count, written in the "
+        "same format (a toy pipeline folder works too). Resumable (finished shards are kept) "
+        "and split across hosts.",
     )
-    p.add_argument("source", metavar="SOURCE", help="image-caption folder, parquet file(s) dir")
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="image-caption folder, parquet file(s) dir (or give --prompts instead)",
+    )
     p.add_argument("out", metavar="OUT", help="dataset folder to write")
     p.add_argument(
         "--pipeline",
         required=True,
         metavar="CKPT",
-        help="a converted pipeline folder (its vae, text encoders, tokenizers)",
+        help="a converted pipeline folder (its vae, text encoders, tokenizers; with --prompts "
+        "also its transformer), or with --prompts a toy one",
     )
-    p.add_argument("--resolution", type=int, default=512, help="pixels (default: 512)")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="no images: one prompt a line (or .jsonl with a prompt/text/caption field); the "
+        "teacher samples the latents",
+    )
+    p.add_argument(
+        "--resolution", type=int, default=None, help="pixels (default: 512; a toy teacher's 32)"
+    )
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    p.add_argument("--batch-size", type=int, default=16, help="records per encoder or sampler call")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=256,
+        help="records per output shard, the unit of resumption and of host assignment "
+        "(default: 256)",
+    )
+    g = p.add_argument_group("prompts only (--prompts)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="the teacher's Euler steps (default: its full count, 28; a toy teacher's 16)",
+    )
+    g.add_argument(
+        "--guidance",
+        type=_guidance,
+        default=None,
+        help="embedded guidance (default: 3.5 for a teacher that embeds guidance, none for one "
+        "that does not: FLUX.1-schnell, the toy)",
+    )
+    g.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=None,
+        metavar="K",
+        help="records per prompt, each from its own noise (default: 1)",
+    )
     p.add_argument("--image-column", default="image", help="parquet/JSONL image field")
     p.add_argument(
         "--caption-column",
         default="caption",
         help="parquet/JSONL caption field (midjourney-v6-llava: llava)",
     )
-    p.add_argument("--seed", type=int, default=0, help="posterior-sample seed (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="posterior-sample (or noise) seed (default: 0)"
+    )
     p.add_argument(
         "--dtype",
         choices=("bfloat16", "float16", "float32"),
@@ -362,34 +412,59 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    from distill_jax.data.prepare import prepare
+    from distill_jax.data.prepare import prepare, prepare_prompts, read_prompts
     from distill_jax.data.sources import check_image_limits
     from distill_jax.folders import load_pipeline
     from distill_jax.pipeline.generate import check_request
 
-    # before minutes of loading the pipeline
-    check_image_limits(args.max_pixels, args.max_aspect_ratio)
+    # Every check before minutes of loading the pipeline.
+    if (args.source is None) == (args.prompts is None):
+        raise ValueError("give either an image SOURCE or --prompts FILE (exactly one)")
+    sampling = dict(
+        steps=args.steps, guidance=args.guidance, samples_per_prompt=args.samples_per_prompt
+    )
+    if args.source is not None:
+        given = [k for k, v in sampling.items() if v is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(
+                f"{flag} is an option of --prompts (the teacher samples), not of SOURCE"
+            )
+        check_image_limits(args.max_pixels, args.max_aspect_ratio)
+    else:
+        read_prompts(args.prompts)
     check_request(
         [],
-        height=args.resolution,
-        width=args.resolution,
+        height=args.resolution or 512,
+        width=args.resolution or 512,
         seed=args.seed,
         max_sequence_length=args.max_sequence_length,
+        **({} if args.steps is None else {"steps": args.steps}),
     )
-    report = prepare(
-        args.source,
-        args.out,
+    common = dict(
         pipeline=load_pipeline(args.pipeline),
-        resolution=args.resolution,
         max_sequence_length=args.max_sequence_length,
         batch_size=args.batch_size,
+        shard_size=args.shard_size,
         seed=args.seed,
         dtype=args.dtype,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        max_pixels=args.max_pixels,
-        max_aspect_ratio=args.max_aspect_ratio,
     )
+    if args.prompts is not None:
+        sampling["samples_per_prompt"] = args.samples_per_prompt or 1
+        report = prepare_prompts(
+            args.prompts, args.out, resolution=args.resolution, **sampling, **common
+        )
+    else:
+        report = prepare(
+            args.source,
+            args.out,
+            resolution=args.resolution or 512,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            max_pixels=args.max_pixels,
+            max_aspect_ratio=args.max_aspect_ratio,
+            **common,
+        )
     log.info("prepare: %s", report)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 METHODS = ("flow_matching", "rescale", "scm", "meanflow")
 DATA_KINDS = ("synthetic", "latents", "shapes")
@@ -46,12 +46,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict()  # FluxConfig fields, e.g. {"num_double": 2}
     c.model.dtype = "bfloat16"  # compute dtype; parameters (master weights) are float32
     c.model.remat = "none"  # distill_jax.models.flux.REMAT_POLICIES
+    # Blocks as one scan over stacked parameters (True) or a loop (False); None: the teacher's
+    # layout (FluxConfig.scan_layers: stacked for the full-size presets). A teacher in the
+    # other layout is restacked when it loads.
+    c.model.scan_layers = config_dict.placeholder(bool)
     c.model.attn_impl = "xla"  # attention for forward/backward passes
     # Attention of the tangent (JVP) pass: "blockwise" never materialises the T x T matrix.
     c.model.jvp_attn_impl = "blockwise"
     # "auto" (AUTO_SETTINGS): the paper's value with config.loss.paper_slips, else the first.
     c.model.delta_init = "auto"  # MeanFlow Δ-embedder init: "zero" (student = teacher) | "copy"
     c.model.logvar_time = "auto"  # sCM logvar head on flow time s: "flow" | "trig" t (spec 7.9)
+    # The student's time, guidance and Δ embeddings (sinusoid and MLP, and their JVP tangents)
+    # in float32 whatever model.dtype, cast once summed (FluxConfig.time_embed_float32): NVIDIA
+    # rCM's JVP route for sCM / MeanFlow from a stock (time_scale 1000) teacher
+    c.model.time_embed_float32 = False
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.path = ""  # a `distill-jax convert` folder (or its transformer/); "" = random init
@@ -91,6 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
     # sCM and MeanFlow's times and coefficients, the TrigFlow wrapper's s and n(s), the models'
     # time inputs: "float32" | "bfloat16" (the paper's arithmetic, spec 7.6) | "auto"
     c.loss.time_dtype = "auto"
+    # sCM and MeanFlow's time derivative d_t F in the tangent: "jvp" (exact, forward mode through
+    # the time embedding) | "finite_difference" (exact JVP in the image input, central difference
+    # (F(t + fd_dt) - F(t - fd_dt)) / (2 fd_dt) in float32 times: NVIDIA rCM's route for a stock
+    # time_scale 1000 teacher; needs float32 time_dtype). Either of it and
+    # model.time_embed_float32 lets sCM / MeanFlow take a stock teacher without the rescale stage.
+    c.loss.time_derivative = "jvp"
+    c.loss.fd_dt = 1e-4  # the finite difference's time step (TrigFlow t for sCM, flow t MeanFlow)
     # flow_matching_loss: flow times ~ logit-normal(logit_mean, logit_std); a positive mean
     # trains more at high noise, where a layout is decided (SD3 samples logit-normal(0, 1)).
     c.loss.flow_matching = ml_collections.ConfigDict()
@@ -98,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.flow_matching.logit_std = 1.0
     c.loss.rescale = ml_collections.ConfigDict()  # rescale_regression_loss (spec 2.2)
     c.loss.rescale.guidance_range = (2.0, 5.0)  # g ~ U[lo, hi], raw units
+    c.loss.rescale.loss = "mse"  # or "smooth_l1" (the paper's, with smooth_l1_beta)
+    c.loss.rescale.smooth_l1_beta = 1.0
     c.loss.scm = ml_collections.ConfigDict()  # scm_loss (spec 3.3)
     c.loss.scm.sigma_d = 0.5
     c.loss.scm.p_mean = 0.2
@@ -282,9 +299,10 @@ MEANFLOW_VARIANTS = {
 
 def toy_config(method: str = "flow_matching") -> ml_collections.ConfigDict:
     """The toy of the shapes world (:mod:`distill_jax.pipeline.toy`): its teacher
-    (``"flow_matching"``, from scratch) or a student of it (``"scm"``, ``"meanflow"``: set
-    ``teacher.path`` to a toy folder). ``configs/toy_teacher.py``, ``configs/toy_distill.py`` and
-    `distill-jax demo` use these."""
+    (``"flow_matching"``, from scratch), a student of it (``"scm"``, ``"meanflow"``: set
+    ``teacher.path`` to a toy folder) or the rescale stage of a stock one (``"rescale"``: a
+    teacher of ``time_scale`` 1000 to 1). ``configs/toy_teacher.py``, ``configs/toy_distill.py``,
+    ``configs/rescale.py:toy`` and `distill-jax demo` use these."""
     c = base_config()
     c.method = method
     c.model.preset = "toy"  # the teacher from scratch; students take the teacher's structure
@@ -323,8 +341,13 @@ def toy_config(method: str = "flow_matching") -> ml_collections.ConfigDict:
         # weighting and the CFG window at 1, 2 and 4 steps (README, the demo).
         c.loss.meanflow.update(MEANFLOW_VARIANTS["gamma2"])
         c.model.delta_init = "zero"
+    elif method == "rescale":
+        c.total_steps, c.checkpoint_every = 2000, 500
+        c.data.batch_size = 64
+        c.loss.rescale.guidance_range = None  # the toy embeds no guidance
+        c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-4, 50, 0.0
     else:
-        raise ValueError(f"toy_config: method={method!r}; flow_matching, scm or meanflow")
+        raise ValueError(f"toy_config: method={method!r}; flow_matching, scm, meanflow or rescale")
     return c
 
 

@@ -234,6 +234,8 @@ def config_from_json(cls: type, fields: Any, where: Path) -> Any:
     path = where / "config.json"
     if not isinstance(fields, Mapping):
         raise ValueError(f"{path}: 'config' is a {type(fields).__name__}, not an object")
+    # Fields added since version 1 take the value that folders written before them meant.
+    fields = {**getattr(cls, "ADDED_FIELDS", {}), **fields}
     hints = typing.get_type_hints(cls)
     wanted = [f.name for f in dataclasses.fields(cls)]
     problems = [f"missing field {k!r}" for k in wanted if k not in fields]

@@ -22,7 +22,7 @@ from distill_jax.config import check_config
 from distill_jax.methods import METHODS
 from distill_jax.models.flux import Flux, FluxConfig
 from distill_jax.sharding import abstract_sharded, axis_rules, state_shardings
-from distill_jax.train import BATCH_AXES, Setup, make_setup, mesh_and_rules
+from distill_jax.train import BATCH_AXES, Setup, layout, make_setup, mesh_and_rules
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -48,9 +48,11 @@ def plan_memory(config: ml_collections.ConfigDict, *, compile: str = "none") -> 
 
     ``compile``: ``"full"`` also compiles the step and reports XLA's temporary bytes
     (``activations_gib``); ``"extrapolate"`` compiles at depths (1, 1), (2, 1) and (1, 2) and
-    extrapolates linearly, since a full-depth 8B compile needs more host memory than a laptop
-    has. On a CPU stand-in XLA schedules for speed and ignores rematerialization, so these are
-    upper bounds, not accelerator figures.
+    extrapolates linearly, since an unrolled full-depth 8B compile needs more host memory than a
+    laptop has. A model with scanned blocks (``scan_layers``) compiles to a program whose size
+    does not grow with depth: there ``"extrapolate"`` compiles the real step, as ``"full"``
+    (``plan["compiled"]`` says which was done). On a CPU stand-in XLA schedules for speed and
+    ignores rematerialization, so these are upper bounds, not accelerator figures.
     """
     check_config(config)
     mesh, rules = mesh_and_rules(config)
@@ -78,6 +80,9 @@ def plan_memory(config: ml_collections.ConfigDict, *, compile: str = "none") -> 
     batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     plan["residuals_gib"] = _residual_bytes(config, setup) / batch_shards / gib
     start = time.perf_counter()
+    if compile == "extrapolate" and cfg.scan_layers:
+        compile = "full"
+    plan["compiled"] = compile
     if compile == "full":
         plan["activations_gib"] = _step_temp_bytes(config, mesh, rules, setup, sharded) / gib
     elif compile == "extrapolate":
@@ -109,8 +114,10 @@ def plan_memory(config: ml_collections.ConfigDict, *, compile: str = "none") -> 
     return plan
 
 
-def _abstract_inputs(config, setup: Setup, sharding=None, replicated=None):
-    dc, cfg = config.data, setup.student_cfg
+def abstract_inputs(config, cfg: FluxConfig, sharding=None, replicated=None) -> tuple[dict, dict]:
+    """``(batch, aux)`` of the configured run for the student structure ``cfg``, as
+    ``jax.ShapeDtypeStruct`` (with ``sharding`` for the batch, ``replicated`` for aux)."""
+    dc = config.data
     b = dc.batch_size
     batch = {
         "latents": jax.ShapeDtypeStruct(
@@ -133,7 +140,7 @@ def _abstract_inputs(config, setup: Setup, sharding=None, replicated=None):
 def _residual_bytes(config, setup: Setup) -> int:
     """Global bytes of the residuals the loss's backward pass keeps (``jax.vjp`` under
     ``eval_shape``), parameter-shaped ones (the weights themselves) excluded."""
-    batch, aux = _abstract_inputs(config, setup)
+    batch, aux = abstract_inputs(config, setup.student_cfg)
     params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), setup.abstract["params"]
     )
@@ -166,26 +173,38 @@ def _with_depth(config, num_double: int, num_single: int) -> ml_collections.Conf
     return small
 
 
+def lower_step(config: ml_collections.ConfigDict) -> jax.stages.Lowered:
+    """The configured run's train step, jitted as the trainer jits it and lowered for abstract
+    state, teacher and batch on the configured mesh (nothing is allocated); ``.compile()`` it
+    for XLA's program, memory and cost figures (benchmarks/compile_scan.py)."""
+    check_config(config)
+    mesh, rules = mesh_and_rules(config)
+    setup = make_setup(config, mesh, rules, *abstract_teacher(config, mesh, rules), abstract=True)
+    return _lower(config, mesh, rules, setup, abstract_sharded(setup.abstract, setup.state_sh))
+
+
+def _lower(config, mesh, rules, setup: Setup, sharded) -> jax.stages.Lowered:
+    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch, aux = abstract_inputs(config, setup.student_cfg, batch_sh, replicated)
+    key = jax.ShapeDtypeStruct(setup.root.shape, setup.root.dtype, sharding=replicated)
+    with jax.set_mesh(mesh), axis_rules(rules):
+        return jax.jit(
+            setup.step_fn, out_shardings=(setup.state_sh, replicated), donate_argnums=(0,)
+        ).lower(sharded, setup.teacher_params, batch, aux, key)
+
+
 def _step_temp_bytes(config, mesh, rules, setup: Setup, sharded) -> int:
     """Temporary bytes per device of the compiled step for ``config.data``'s batch shapes.
     Note: XLA:CPU's figure does not reflect rematerialization (it schedules for speed)."""
-    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch, aux = _abstract_inputs(config, setup, batch_sh, replicated)
-    key = jax.ShapeDtypeStruct(setup.root.shape, setup.root.dtype, sharding=replicated)
-    with jax.set_mesh(mesh), axis_rules(rules):
-        compiled = (
-            jax.jit(setup.step_fn, out_shardings=(setup.state_sh, replicated), donate_argnums=(0,))
-            .lower(sharded, setup.teacher_params, batch, aux, key)
-            .compile()
-        )
+    compiled = _lower(config, mesh, rules, setup, sharded).compile()
     return int(getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0))
 
 
 def abstract_teacher(config, mesh, rules) -> tuple[FluxConfig, Any]:
     """The teacher :func:`distill_jax.train.load_teacher` would build, as abstract arrays with
     their shardings (a random ``config.model.preset``: ``teacher.path`` is not read)."""
-    cfg = FluxConfig.preset(config.model.preset, **config.model.overrides)
+    cfg = layout(config, FluxConfig.preset(config.model.preset, **config.model.overrides))
     if not METHODS[config.method].teacher:
         return cfg, None
     abstract = nnx.state(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))), nnx.Param)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from distill_jax import distributed, losses
 from distill_jax.config import AUTO_SETTINGS
+from distill_jax.losses.finite_difference import check_time_derivative
 from distill_jax.models.flux import FluxConfig
 from distill_jax.parameterization import trigflow_velocity
 from distill_jax.pipeline.latents import image_ids, pack
@@ -93,9 +94,23 @@ def time_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def loss_switches(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The sCM / MeanFlow loss's slips (none unless ``config.loss.paper_slips``) and its
-    ``time_dtype``, the config's effective one (an explicit setting wins over the slips')."""
-    return {**slips(config)["loss"], "time_dtype": time_dtype(config)}
+    """The sCM / MeanFlow loss's slips (none unless ``config.loss.paper_slips``), its
+    ``time_dtype``, the config's effective one (an explicit setting wins over the slips'), and
+    its ``time_derivative`` and ``fd_dt`` (``config.loss``)."""
+    return {
+        **slips(config)["loss"],
+        "time_dtype": time_dtype(config),
+        "time_derivative": config.loss.time_derivative,
+        "fd_dt": config.loss.fd_dt,
+    }
+
+
+def direct_route(config: ml_collections.ConfigDict) -> bool:
+    """Whether sCM / MeanFlow are set up to distil a stock (``time_scale`` 1000) teacher without
+    the rescale stage, as NVIDIA's rCM: the time derivative by a finite difference
+    (``config.loss.time_derivative``) or the JVP through a float32 time embedding
+    (``config.model.time_embed_float32``)."""
+    return config.loss.time_derivative == "finite_difference" or config.model.time_embed_float32
 
 
 # --- the adapters: (config, nets, x0, key, cond, aux, step) -> (loss, metrics) ------------------
@@ -237,17 +252,37 @@ def model_configs(
 ) -> tuple[FluxConfig, FluxConfig]:
     """(teacher, student) structures for ``config.method`` (the teacher by default from
     ``config.model.preset`` and ``overrides``). The teacher of sCM/MeanFlow runs at
-    ``time_scale`` 1 (a rescaled teacher, spec 2)."""
+    ``time_scale`` 1 (a rescaled teacher, spec 2), or at any scale with float32 times when
+    :func:`direct_route` is set. ``config.model.time_embed_float32`` sets the student's
+    ``FluxConfig.time_embed_float32``."""
     config = resolve(config)
     if teacher_cfg is None:
         teacher_cfg = FluxConfig.preset(config.model.preset, **config.model.overrides)
     method = METHODS[config.method]
+    td = jnp.dtype(config.loss.time_dtype)
+    # sCM and MeanFlow use the time derivative (and refuse it with bfloat16 times); others not
+    check_time_derivative(
+        config.loss.time_derivative, config.loss.fd_dt, td if method.rescaled_teacher else "float32"
+    )
     if method.rescaled_teacher and teacher_cfg.time_scale != 1.0:
-        raise ValueError(
-            f"{config.method} needs a teacher with time_scale=1 (got {teacher_cfg.time_scale}); "
-            "rescale the stock teacher first (method 'rescale', spec section 2.2)"
-        )
-    return teacher_cfg, method.student(teacher_cfg, config.model)
+        if not direct_route(config):
+            raise ValueError(
+                f"{config.method} needs a teacher with time_scale=1 (got "
+                f"{teacher_cfg.time_scale}); rescale the stock teacher first (method 'rescale', "
+                "spec section 2.2), or distil it directly with "
+                "config.loss.time_derivative='finite_difference' or "
+                "config.model.time_embed_float32=True"
+            )
+        if td != jnp.dtype(jnp.float32):
+            raise ValueError(
+                f"{config.method} from a teacher at time_scale={teacher_cfg.time_scale} needs "
+                f"config.loss.time_dtype='float32' (got {td.name}: bfloat16 times scaled by "
+                f"{teacher_cfg.time_scale} lose the sinusoid's phase)"
+            )
+    student = method.student(teacher_cfg, config.model)
+    if config.model.time_embed_float32:
+        student = student.replace(time_embed_float32=True)
+    return teacher_cfg, student
 
 
 def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:

@@ -38,6 +38,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_embed", None),
     ("norm", None),  # per-head or per-channel norm scales
     ("io", None),  # small input/output dims (latent channels, pooled dims)
+    # The leading axis of stacked (scanned) blocks: each scan step needs its whole layer, so
+    # sharding it would gather every layer on every step; the other axes keep their rules.
+    ("layers", None),
 )
 
 _rules: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("rules", default=None)
@@ -157,14 +160,21 @@ def assert_not_replicated(state: Any, shardings: Any, *, min_bytes: int = 1 << 2
     """Raises if any leaf of at least ``min_bytes`` is fully replicated over a multi-device mesh.
 
     ``state`` may be abstract (``jax.ShapeDtypeStruct``); ``shardings`` has the same structure.
+    A variable stacked on a leading ``layers`` axis (scanned blocks) is judged per layer, as the
+    per-block variables it stands for would be.
     """
     offenders = []
-    leaves = jax.tree_util.tree_leaves_with_path(state)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=is_var)
     specs = jax.tree_util.tree_leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
     for (path, leaf), sharding in zip(leaves, specs, strict=True):
         if sharding.mesh.size == 1:
             return
-        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        layers = 1
+        if is_var(leaf):
+            names, leaf = leaf.get_metadata("logical_axes", None) or (), leaf.get_value()
+            layers = leaf.shape[0] if names[:1] == ("layers",) else 1
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize // layers
         if nbytes >= min_bytes and all(e is None for e in sharding.spec):
             offenders.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} ({nbytes} bytes)")
     if offenders:

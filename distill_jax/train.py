@@ -55,7 +55,7 @@ from distill_jax.methods import (
     time_dtype,
 )
 from distill_jax.metrics import MetricWriter, peak_tflops
-from distill_jax.models.flux import Flux, FluxConfig, reset_delta_embedder
+from distill_jax.models.flux import Flux, FluxConfig, relayout, reset_delta_embedder
 from distill_jax.sharding import (
     DEFAULT_RULES,
     abstract_sharded,
@@ -253,16 +253,18 @@ def load_teacher(
 ) -> tuple[FluxConfig, nnx.State | None]:
     """The frozen teacher's structure and parameters on the mesh: ``teacher`` if given, else
     ``config.teacher.path``, else (tests, benchmarks) a random ``config.model.preset``; no
-    parameters for a method that trains without a teacher."""
+    parameters for a method that trains without a teacher. Its blocks are in the layout of
+    ``config.model.scan_layers`` (restacked if they come in the other one)."""
     if teacher is not None:
         params = nnx.state(teacher, nnx.Param)
-        return teacher.cfg, jax.device_put(params, state_shardings(params, mesh, rules))
+        params = jax.device_put(params, state_shardings(params, mesh, rules))
+        return _in_layout(config, teacher.cfg, params, mesh, rules)
     if config.teacher.path:
         from distill_jax.folders import load_flux
 
         model = load_flux(config.teacher.path, mesh=mesh)
-        return model.cfg, nnx.state(model, nnx.Param)
-    cfg = FluxConfig.preset(config.model.preset, **config.model.overrides)
+        return _in_layout(config, model.cfg, nnx.state(model, nnx.Param), mesh, rules)
+    cfg = layout(config, FluxConfig.preset(config.model.preset, **config.model.overrides))
     if not METHODS[config.method].teacher:
         return cfg, None  # trained from scratch
     # A random teacher (tests, benchmarks): born sharded like any other state.
@@ -273,6 +275,31 @@ def load_teacher(
         out_shardings=shardings,
     )()
     return cfg, params
+
+
+def layout(config: ml_collections.ConfigDict, cfg: FluxConfig) -> FluxConfig:
+    """``cfg`` with the block layout of ``config.model.scan_layers`` (None keeps ``cfg``'s)."""
+    scan = config.model.scan_layers
+    return cfg if scan is None or scan == cfg.scan_layers else cfg.replace(scan_layers=scan)
+
+
+def _restacked(params: nnx.State, scan_layers: bool, mesh, rules) -> nnx.State:
+    """``params`` in the block layout ``scan_layers`` (:func:`relayout`), born sharded."""
+    move = partial(relayout, scan_layers=scan_layers)
+    shardings = state_shardings(jax.eval_shape(move, params), mesh, rules)
+    with jax.set_mesh(mesh):
+        return jax.jit(move, out_shardings=shardings)(params)
+
+
+def _in_layout(config, cfg: FluxConfig, params: nnx.State, mesh, rules):
+    """``(cfg, params)`` in the block layout of ``config.model.scan_layers``."""
+    want = layout(config, cfg)
+    if want.scan_layers != cfg.scan_layers:
+        log.info(
+            "teacher blocks restacked: scan_layers %s -> %s", cfg.scan_layers, want.scan_layers
+        )
+        params = _restacked(params, want.scan_layers, mesh, rules)
+    return want, params
 
 
 def load_init(
@@ -293,6 +320,8 @@ def load_init(
             f"{model.cfg.time_scale}; the {config.method} student at {student_cfg.time_scale}"
         )
     params = nnx.state(model, nnx.Param)
+    if model.cfg.scan_layers != student_cfg.scan_layers:
+        params = _restacked(params, student_cfg.scan_layers, mesh, rules)
     student = nnx.eval_shape(lambda: Flux(student_cfg, rngs=nnx.Rngs(0)))
     want = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(student, nnx.Param))}
     have = {p: v.get_value().shape for p, v in nnx.to_flat_state(params)}
@@ -454,7 +483,8 @@ def train(
         dict(mesh.shape),
     )
 
-    setup = make_setup(config, mesh, rules, *load_teacher(config, mesh, rules, teacher))
+    teacher_cfg, teacher_params = load_teacher(config, mesh, rules, teacher)
+    setup = make_setup(config, mesh, rules, teacher_cfg, teacher_params)
     teacher_params, state_sh, init_fn, root = (
         setup.teacher_params,
         setup.state_sh,
@@ -529,7 +559,7 @@ def train(
                 if compiled is None:  # compile once; the executable also gives the FLOP count
                     start = time.perf_counter()
                     compiled = jitted.lower(state, teacher_params, batch, aux, root).compile()
-                    flops = _flops(compiled)
+                    flops = _flops(compiled, config, teacher_cfg, setup.student_cfg, batch, aux)
                     log.info(
                         "step compiled in %.1f s (%s FLOPs per device per step)",
                         time.perf_counter() - start,
@@ -633,8 +663,40 @@ def save_student(config: ml_collections.ConfigDict, run: Run, dst: Path) -> Path
     return path
 
 
-def _flops(compiled) -> float | None:
+def unrolled_flops(config, teacher_cfg: FluxConfig, batch, aux) -> float:
+    """FLOPs per device of the configured step for the teacher structure ``teacher_cfg`` on
+    batches shaped as ``batch`` and ``aux`` (arrays or ``jax.ShapeDtypeStruct``), every block
+    counted. XLA's cost analysis counts a loop's body once, so a step with scanned blocks
+    under-reports by about the depth; here the step is lowered (not compiled) with the blocks
+    unrolled at depths (1, 1), (2, 1) and (1, 2), its global count divided over the mesh, and
+    extrapolated to the real depth: exact, as every block of a kind costs the same."""
+    mesh, rules = mesh_and_rules(config)
+    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+
+    def flops(num_double: int, num_single: int) -> float:
+        cfg = teacher_cfg.replace(num_double=num_double, num_single=num_single, scan_layers=False)
+        teacher = None
+        if METHODS[config.method].teacher:
+            teacher = nnx.state(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        setup = make_setup(config, mesh, rules, cfg, teacher, abstract=True)
+        with jax.set_mesh(mesh), axis_rules(rules):
+            lowered = jax.jit(setup.step_fn).lower(
+                setup.abstract, teacher, shapes(batch), shapes(aux), setup.root
+            )
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost["flops"]) / mesh.size
+
+    base = flops(1, 1)
+    per_double, per_single = flops(2, 1) - base, flops(1, 2) - base
+    n_double, n_single = teacher_cfg.num_double, teacher_cfg.num_single
+    return base + per_double * (n_double - 1) + per_single * (n_single - 1)
+
+
+def _flops(compiled, config, teacher_cfg, student_cfg, batch, aux) -> float | None:
     try:
+        if student_cfg.scan_layers:  # XLA counts a scan's body once: count the blocks unrolled
+            return unrolled_flops(config, teacher_cfg, batch, aux)
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 (FLOP counts are informative only)
         return None

@@ -124,6 +124,18 @@ def test_matches_diffusers(name):
     assert_close(model(**x), torch_forward(ref_model, x))
 
 
+def sharded_forward(model: Flux, x: dict, mesh) -> jax.Array:
+    """``model(**x)`` jitted on ``mesh``, the batch split over ``("data", "fsdp")``."""
+    graphdef, state = nnx.split(model)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    xs = {
+        k: jax.device_put(v, batch_sharding) if k not in ("img_ids", "txt_ids") else v
+        for k, v in x.items()
+    }
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda s, a: nnx.merge(graphdef, s)(**a))(state, xs)
+
+
 def test_time_scale_one_matches_unscaled_reference():
     """time_scale=1 feeds t and g to the sinusoid as they are; diffusers always multiplies by
     1000, so the reference is diffusers fed t/1000 and g/1000."""
@@ -405,12 +417,5 @@ def test_sharded_parameters_and_forward():
     np.testing.assert_array_equal(
         flat_params(reference)["img_in.kernel"], flat_params(model)["img_in.kernel"]
     )
-    graphdef, state = nnx.split(model)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    xs = {
-        k: jax.device_put(v, batch_sharding) if k not in ("img_ids", "txt_ids") else v
-        for k, v in x.items()
-    }
-    with jax.set_mesh(mesh):
-        out = jax.jit(lambda s, a: nnx.merge(graphdef, s)(**a))(state, xs)
+    out = sharded_forward(model, x, mesh)
     np.testing.assert_allclose(out, reference(**x), rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ from distill_jax.convert import _Tracked
 from distill_jax.folders import config_from_json
 from distill_jax.models.autoencoder import AutoencoderConfig
 from distill_jax.models.clip import CLIPTextConfig
-from distill_jax.models.flux import Flux, FluxConfig
+from distill_jax.models.flux import SCAN_FROM_BLOCKS, Flux, FluxConfig
 from distill_jax.models.t5 import T5Config
 from distill_jax.port.flux import diffusers_rules
 from distill_jax.port.params import param_shapes
@@ -332,7 +332,9 @@ def config_mutants():
 
 def test_converted_configs(tmp_path):
     """Each mutant of a converted config.json is refused, naming the file and the field, or gives
-    the config of exactly the values written; time_scale also refuses 0 and negatives."""
+    the config of exactly the values written; time_scale also refuses 0 and negatives. A field
+    added since version 1 (``ADDED_FIELDS``) may be missing: it reads as folders written before
+    it meant; FluxConfig's scan_layers=None resolves by depth."""
     path = tmp_path / "config.json"
     results = []
     for cls, good, name, how, value in config_mutants():
@@ -345,6 +347,8 @@ def test_converted_configs(tmp_path):
         text = json.loads(path.read_text())  # NaN and Infinity survive json as Python reads it
         field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
         fits = how == "value" and field is not None and _kind(value) in _allowed(field)
+        added = getattr(cls, "ADDED_FIELDS", {})
+        fits |= how == "missing" and name in added
         try:
             cfg = config_from_json(cls, text, tmp_path)
         except ValueError as err:
@@ -354,11 +358,13 @@ def test_converted_configs(tmp_path):
             results.append((cls.__name__, "fits" if fits else "wrong type", "refused"))
             continue
         assert fits, (cls.__name__, name, value)
-        expect = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        expect = {k: tuple(v) if isinstance(v, list) else v for k, v in {**added, **fields}.items()}
+        if cls is FluxConfig and expect["scan_layers"] is None:
+            expect["scan_layers"] = cfg.num_double + cfg.num_single >= SCAN_FROM_BLOCKS
         assert {k: getattr(cfg, k) for k in expect} == expect
         results.append((cls.__name__, "fits", "read"))
     tally = _tally(results)
-    assert sum(tally.values()) == (1 + len(WRONG)) * (17 + 9 + 9 + 11) + 4
+    assert sum(tally.values()) == (1 + len(WRONG)) * (19 + 9 + 9 + 11) + 4
     assert all(kind == "fits" for (_, kind, outcome) in results if outcome == "read")
     assert tally["FluxConfig", "fits", "read"] > 0
     # time_scale's own check: the right type, but not a positive number

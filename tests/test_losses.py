@@ -470,3 +470,30 @@ def test_rescale_regression_loss():
     assert 2.0 <= float(jnp.min(seen["g"])) and float(jnp.max(seen["g"])) <= 5.0
     grad = jax.grad(lambda th: loss(th, "logit_normal")[0])(0.2)
     np.testing.assert_allclose(float(grad), 2 * 0.2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.05])
+def test_rescale_smooth_l1_is_torch_smooth_l1(beta):
+    """loss="smooth_l1" is torch.nn.functional.smooth_l1_loss of the same velocities (float32),
+    and rel_err stays the squared error's."""
+    key = jax.random.key(3)
+    x0 = jax.random.normal(key, (32, D))
+    stock = lambda x, s, g, _: x * jnp.cos(1000 * s)[:, None]  # noqa: E731
+    student = lambda x, s, g, _: 1.1 * x * jnp.cos(1000 * s)[:, None] + 0.2  # noqa: E731
+    got, m = L.rescale_regression_loss(
+        student, stock, x0, key, guidance_range=None, loss="smooth_l1", smooth_l1_beta=beta
+    )
+    _, want_m = L.rescale_regression_loss(student, stock, x0, key, guidance_range=None)
+    seen = {}
+
+    def spy(x, s, g, c):
+        seen["x"], seen["s"] = x, s
+        return stock(x, s, g, c)
+
+    L.rescale_regression_loss(student, spy, x0, key, guidance_range=None)
+    v, v_ref = (np.asarray(f(seen["x"], seen["s"], None, None)) for f in (student, stock))
+    want = torch.nn.functional.smooth_l1_loss(torch.tensor(v), torch.tensor(v_ref), beta=beta)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(m["rescale/rel_err"]), float(want_m["rescale/rel_err"]))
+    with pytest.raises(ValueError, match="rescale loss='l1'"):
+        L.rescale_regression_loss(student, stock, x0, key, guidance_range=None, loss="l1")

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from distill_jax.losses.finite_difference import central_difference, check_time_derivative
 from distill_jax.parameterization import F32, bcast, quantize, sample_meanflow_times
 
 Array = jax.Array
@@ -36,27 +37,47 @@ def meanflow_dudt(
     v: Array,
     *,
     time_dtype: Any = F32,
+    time_derivative: str = "jvp",
+    fd_dt: float = 1e-4,
 ) -> Array:
     """Total derivative ``du/dt = d_z u . v + d_t u`` with ``r`` held fixed (spec 4.3 step 7).
 
-    ``jax.jvp`` of ``(z, r, t) -> u_fn(z, t, t - r)`` at ``(z [B, ...], r [B], t [B])`` with
-    tangents ``(v, 0, 1)``: the unit tangent on ``t`` reaches both time inputs, since
-    ``d(t - r)/dt = 1``. ``time_dtype`` rounds ``t - r`` (bf16: the paper's subtraction of bf16
-    times, spec 7.6). Returns float32 [B, ...].
+    ``time_derivative="jvp"``: ``jax.jvp`` of ``(z, r, t) -> u_fn(z, t, t - r)`` at
+    ``(z [B, ...], r [B], t [B])`` with tangents ``(v, 0, 1)``: the unit tangent on ``t`` reaches
+    both time inputs, since ``d(t - r)/dt = 1``. ``"finite_difference"``: ``d_z u . v`` by a JVP in
+    ``z`` alone, plus the central difference of ``t -> u_fn(z, t, t - r)`` (both time inputs
+    shifted, as the JVP's tangent) of step ``fd_dt`` in float32 times
+    (:mod:`distill_jax.losses.finite_difference`; agrees with the JVP to ``O(fd_dt^2)``).
+    ``time_dtype`` rounds ``t - r`` (bf16: the paper's subtraction of bf16 times, spec 7.6; the
+    finite difference needs float32). Returns float32 [B, ...].
     """
-
-    return _u_and_dudt(u_fn, z, r, t, v, time_dtype)[1].astype(F32)
+    check_time_derivative(time_derivative, fd_dt, time_dtype)
+    return _u_and_dudt(u_fn, z, r, t, v, time_dtype, time_derivative, fd_dt)[1]
 
 
 def _u_and_dudt(
-    u_fn, z: Array, r: Array, t: Array, v: Array, time_dtype: Any
+    u_fn,
+    z: Array,
+    r: Array,
+    t: Array,
+    v: Array,
+    time_dtype: Any,
+    time_derivative: str = "jvp",
+    dt: float = 1e-4,
 ) -> tuple[Array, Array]:
-    """``(u(z, t, t - r), du/dt)``: the primal and tangent of :func:`meanflow_dudt`'s JVP."""
+    """``(u(z, t, t - r), du/dt)``: the primal (which the caller may differentiate) and the float32
+    tangent (not yet stopped) of :func:`meanflow_dudt`."""
 
     def fn(z_, r_, t_):
         return u_fn(z_, t_, quantize(t_ - r_, time_dtype))
 
-    return jax.jvp(fn, (z, r, t), (v.astype(z.dtype), jnp.zeros_like(r), jnp.ones_like(t)))
+    v = v.astype(z.dtype)
+    if time_derivative == "jvp":
+        u, dudt = jax.jvp(fn, (z, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)))
+        return u, dudt.astype(F32)
+    u, du_z = jax.jvp(lambda z_: fn(z_, r, t), (z,), (v,))
+    du_t = central_difference(lambda t_: fn(z, r, t_), t, dt)  # d_t u + d_delta u, [B, ...]
+    return u, du_z.astype(F32) + du_t
 
 
 def meanflow_loss(
@@ -81,6 +102,8 @@ def meanflow_loss(
     tangent_velocity: str = "teacher",
     cfg_at_r_equals_t: bool = True,
     time_dtype: Any = F32,
+    time_derivative: str = "jvp",
+    fd_dt: float = 1e-4,
     r: Array | None = None,
     t: Array | None = None,
     noise: Array | None = None,
@@ -94,9 +117,9 @@ def meanflow_loss(
     3. ``v_T = teacher(z_t, t)``. CFG samples (conditional, ``cfg_t_min <= t <= cfg_t_max``) mix
        ``v~ = omega v_T + kappa u_c + (1 - omega - kappa) u_0`` from the (stop-gradient) student
        with the sample's own text and with ``uncond``.
-    4. ``du/dt`` by JVP along ``(v_tan, 0, 1)`` through ``(z, r, t)``; ``v_tan = v~`` for CFG
-       samples, ``v_T`` otherwise. Target ``u_tgt = v_tgt - (t - r) du/dt`` with ``v_tgt = v~``
-       or ``v_T``.
+    4. ``du/dt`` by JVP along ``(v_tan, 0, 1)`` through ``(z, r, t)`` (or its time part by a
+       finite difference: ``time_derivative``); ``v_tan = v~`` for CFG samples, ``v_T``
+       otherwise. Target ``u_tgt = v_tgt - (t - r) du/dt`` with ``v_tgt = v~`` or ``v_T``.
     5. Adaptive weight ``w = 1 / sg(e + c)^p`` (p=1: ~ e / (e + c)).
 
     Switches (defaults fix spec 7; :func:`distill_jax.losses.paper_slips` gives the paper's):
@@ -107,6 +130,13 @@ def meanflow_loss(
       time_dtype: rounds ``r, t``, ``delta = t - r`` (before the student's Δ embedder and in the
         target) and the interpolation coefficients; bfloat16 = paper (spec 7.6). Give the models
         the same (``Flux(time_dtype=)``), as the trainer does.
+      time_derivative: how step 4 takes the time part ``d_t u`` of ``du/dt``: ``"jvp"`` (the
+        default, exact) or ``"finite_difference"``: an exact JVP in ``z`` alone plus the central
+        difference of ``t -> u(z, t, t - r)`` of step ``fd_dt`` in float32 times (NVIDIA rCM's
+        route for students that embed ``1000 t``; :mod:`distill_jax.losses.finite_difference`).
+        Both agree to ``O(fd_dt^2)`` plus round-off ``~eps |u| / fd_dt``; the difference costs
+        two more student forwards (no backward) and needs float32 ``time_dtype``.
+      fd_dt: the finite difference's time step (flow time), 1e-4 by default as rCM's.
 
     Args:
       student_fn, teacher_fn, cond, uncond: see the module docstring. With ``cond`` or
@@ -125,6 +155,7 @@ def meanflow_loss(
     """
     if tangent_velocity not in TANGENT_VELOCITIES:
         raise ValueError(f"tangent_velocity must be one of {TANGENT_VELOCITIES}")
+    check_time_derivative(time_derivative, fd_dt, time_dtype)
     k_drop, k_time, k_z = jax.random.split(key, 3)
     x0 = x0.astype(F32)
     B = x0.shape[0]
@@ -168,7 +199,14 @@ def meanflow_loss(
         # One pass: the JVP's primal u(z_t, t, t - r) is the student's forward that the caller
         # differentiates (only the tangent is stopped), so the student runs forward once.
         u, dudt = _u_and_dudt(
-            lambda z, tt, d: student_fn(z, tt, d, cond_in), z_t, r, t, v_tan, time_dtype
+            lambda z, tt, d: student_fn(z, tt, d, cond_in),
+            z_t,
+            r,
+            t,
+            v_tan,
+            time_dtype,
+            time_derivative,
+            fd_dt,
         )
     else:
         u = student_fn(z_t, t, delta, cond_in)
@@ -179,6 +217,8 @@ def meanflow_loss(
             t,
             v_tan,
             time_dtype=time_dtype,
+            time_derivative=time_derivative,
+            fd_dt=fd_dt,
         )
     u, dudt = u.astype(F32), sg(dudt).astype(F32)
     u_tgt = sg(v_tgt - bcast(delta, x0) * dudt)

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from distill_jax.parameterization import F32, bcast
 
@@ -110,10 +111,15 @@ def rescale_regression_loss(
     time_sampler: str = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    loss: str = "mse",
+    smooth_l1_beta: float = 1.0,
 ) -> tuple[Array, dict[str, Array]]:
     """Regression of the rescaled model onto the stock one (spec 2.2 (b) "recipe").
 
-    ``mean ||v_x1(x_s; s, g) - sg(v_stock(x_s; 1000 s, 1000 g))||^2``, ``x_s = (1-s) x0 + s eps``.
+    ``mean ||v_x1(x_s; s, g) - sg(v_stock(x_s; 1000 s, 1000 g))||^2``, ``x_s = (1-s) x0 + s eps``
+    (``loss="mse"``), or the mean smooth-L1 of the same difference (``loss="smooth_l1"``, the
+    paper's: PyTorch's ``smooth_l1_loss`` with ``beta``, ``0.5 d^2 / beta`` below ``beta`` and
+    ``|d| - 0.5 beta`` above, optax's Huber loss divided by ``beta``).
 
     Args:
       student_fn: ``(x_s [B, ...], s [B], g [B] | None, cond) -> v``, the rescaled model
@@ -123,10 +129,15 @@ def rescale_regression_loss(
       x0: clean latents in standard units, [B, ...]. key: PRNG key.
       guidance_range: ``g ~ U[lo, hi]`` in raw units; None for a model without guidance.
       time_sampler: ``"uniform"`` (``s ~ U[0, 1]``) or ``"logit_normal"``.
+      loss: ``"mse"`` or ``"smooth_l1"``; smooth_l1_beta: the latter's ``beta`` (> 0).
     Returns:
-      ``(loss, {"rescale/loss", "rescale/rel_err"})``; ``rel_err`` = loss / mean square of the
-      stock velocity.
+      ``(loss, {"rescale/loss", "rescale/rel_err"})``; ``rel_err`` = mean squared difference /
+      mean square of the stock velocity, whichever loss is minimised.
     """
+    if loss not in ("mse", "smooth_l1"):
+        raise ValueError(f"rescale loss={loss!r}; 'mse' or 'smooth_l1'")
+    if not smooth_l1_beta > 0:
+        raise ValueError(f"smooth_l1_beta={smooth_l1_beta!r} must be > 0")
     k_s, k_g, k_z = jax.random.split(key, 3)
     x0 = x0.astype(F32)
     B = x0.shape[0]
@@ -144,6 +155,10 @@ def rescale_regression_loss(
     x_s = (1.0 - sb) * x0 + sb * eps
     v_ref = jax.lax.stop_gradient(stock_fn(x_s, s, g, cond)).astype(F32)
     v = student_fn(x_s, s, g, cond).astype(F32)
-    loss = jnp.mean((v - v_ref) ** 2)
-    rel = loss / jnp.maximum(jnp.mean(v_ref * v_ref), 1e-12)
-    return loss, {"rescale/loss": loss, "rescale/rel_err": rel}
+    mse = jnp.mean((v - v_ref) ** 2)
+    if loss == "mse":
+        value = mse
+    else:
+        value = jnp.mean(optax.huber_loss(v, v_ref, delta=smooth_l1_beta)) / smooth_l1_beta
+    rel = mse / jnp.maximum(jnp.mean(v_ref * v_ref), 1e-12)
+    return value, {"rescale/loss": value, "rescale/rel_err": rel}

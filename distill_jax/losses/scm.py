@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from distill_jax.losses.finite_difference import central_difference, check_time_derivative
 from distill_jax.parameterization import F32, bcast, quantize, sample_scm_times
 
 Array = jax.Array
@@ -42,15 +43,21 @@ def scm_tangent(
     F_teacher: Array,
     *,
     time_dtype: Any = F32,
+    time_derivative: str = "jvp",
+    fd_dt: float = 1e-4,
 ) -> Array:
     """``cos t sin t * dF/dt`` of the student along the teacher PF-ODE (spec 3.2 step 6).
 
-    ``jax.jvp`` of ``(x_hat, t) -> F_fn(x_hat, t)`` at ``(x_hat [B, ...], t [B])`` with tangents
-    ``(cos t sin t F_teacher, cos t sin t)``, i.e. ``cs (d_x F . F_T + d_t F)``. Returns float32
-    [B, ...]; the caller stops its gradient.
+    ``time_derivative="jvp"``: ``jax.jvp`` of ``(x_hat, t) -> F_fn(x_hat, t)`` at
+    ``(x_hat [B, ...], t [B])`` with tangents ``(cos t sin t F_teacher, cos t sin t)``, i.e.
+    ``cs (d_x F . F_T + d_t F)``. ``"finite_difference"``: the same ``cs d_x F . F_T`` by a JVP in
+    ``x_hat`` alone, plus ``cs d_t F`` by a central difference of step ``fd_dt`` in float32 times
+    (:mod:`distill_jax.losses.finite_difference`; agrees with the JVP to ``O(fd_dt^2)``). Returns
+    float32 [B, ...]; the caller stops its gradient.
     """
-    _, dF = jax.jvp(F_fn, (x_hat, t), _tangents(x_hat, t, F_teacher, time_dtype))
-    return dF.astype(F32)
+    check_time_derivative(time_derivative, fd_dt, time_dtype)
+    fn = lambda xh, tt: (F_fn(xh, tt), None)  # noqa: E731
+    return _primal_and_tangent(fn, x_hat, t, F_teacher, time_dtype, time_derivative, fd_dt)[1]
 
 
 def _tangents(x_hat: Array, t: Array, F_teacher: Array, time_dtype: Any) -> tuple[Array, Array]:
@@ -58,6 +65,20 @@ def _tangents(x_hat: Array, t: Array, F_teacher: Array, time_dtype: Any) -> tupl
     c, s = _trig(t, time_dtype)
     cs = c * s
     return (bcast(cs, x_hat) * F_teacher.astype(F32)).astype(x_hat.dtype), cs.astype(t.dtype)
+
+
+def _primal_and_tangent(
+    fn, x_hat: Array, t: Array, F_teacher: Array, time_dtype: Any, time_derivative: str, dt: float
+) -> tuple[Any, Array]:
+    """``(fn(x_hat, t), cs dF/dt)`` for ``fn(x_hat, t) -> (F, aux)``: the primal (which the caller
+    may differentiate) and the float32 tangent of :func:`scm_tangent` (not yet stopped)."""
+    v_x, v_t = _tangents(x_hat, t, F_teacher, time_dtype)
+    if time_derivative == "jvp":
+        primal, (dF, _) = jax.jvp(fn, (x_hat, t), (v_x, v_t))
+        return primal, dF.astype(F32)
+    primal, (dF_x, _) = jax.jvp(lambda xh: fn(xh, t), (x_hat,), (v_x,))
+    dF_t = central_difference(lambda tt: fn(x_hat, tt)[0], t, dt)  # d_t F, [B, ...]
+    return primal, dF_x.astype(F32) + bcast(v_t.astype(F32), dF_t) * dF_t
 
 
 def scm_loss(
@@ -74,6 +95,8 @@ def scm_loss(
     tangent_warmup_steps: int = 4000,
     tangent_norm_c: float = 0.1,
     time_dtype: Any = F32,
+    time_derivative: str = "jvp",
+    fd_dt: float = 1e-4,
     t: Array | None = None,
     noise: Array | None = None,
     tangent_fn: Callable[[Array, Array, Any], tuple[Array, Array]] | None = None,
@@ -85,7 +108,7 @@ def scm_loss(
     1. ``t = arctan(exp(p_mean + p_std n) / sigma_d)``, ``z ~ N(0, I)``,
        ``x_hat = cos t x0 + sin t z``.
     2. ``F_T = teacher(x_hat, t)``; ``dF = jvp(student, (x_hat, t), (cs F_T, cs))``,
-       ``cs = cos t sin t``.
+       ``cs = cos t sin t`` (or its time part by a finite difference: ``time_derivative``).
     3. ``r = min(1, step / tangent_warmup_steps)``;
        ``g = -cos^2 t sigma_d (sg(F) - F_T) - r (cs sigma_d x_hat + sigma_d dF)``. ``dF`` already
        holds the factor cs (step 9 of spec 3.2; the pseudo-form at the end of 3.2 multiplies by
@@ -108,6 +131,15 @@ def scm_loss(
         their own time arithmetic: give the TrigFlow wrapper the same dtype
         (``trigflow_velocity(time_dtype=)``, its ``s`` and ``n(s)``) and the models too
         (``Flux(time_dtype=)``, their embeddings' input), as the trainer does.
+      time_derivative: how step 2 takes ``d_t F``: ``"jvp"`` (the default, exact, forward mode
+        through the student's time embedding) or ``"finite_difference"``: an exact JVP in
+        ``x_hat`` alone plus the central difference ``(F(t + fd_dt) - F(t - fd_dt)) / (2 fd_dt)``
+        in float32 times (NVIDIA rCM's route for students that embed ``1000 t``, without a
+        rescaled teacher; :mod:`distill_jax.losses.finite_difference`). Both multiply by the
+        same ``cs`` and agree to ``O(fd_dt^2)`` plus round-off ``~eps |F| / fd_dt``; the
+        difference costs two more student forwards (no backward) and needs float32
+        ``time_dtype``.
+      fd_dt: the finite difference's time step (TrigFlow time), 1e-4 by default as rCM's.
       t, noise: optional fixed TrigFlow times [B] and noise [B, ...] (override the sampling; for
         parity tests against a transcription of the paper's code).
       tangent_fn: the same function as ``student_fn`` for the JVP pass (under stop-gradient),
@@ -120,6 +152,7 @@ def scm_loss(
       g), ``scm/g_norm`` (mean per-sample ``||g||`` before normalisation), ``scm/mean_weight``,
       ``scm/logvar``, ``scm/tangent_norm`` (mean per-sample ``||dF||``), ``scm/warmup``.
     """
+    check_time_derivative(time_derivative, fd_dt, time_dtype)
     k_t, k_z = jax.random.split(key)
     x0 = x0.astype(F32)
     if t is None:
@@ -134,16 +167,26 @@ def scm_loss(
     if tangent_fn is None:
         # One pass: the JVP's primal is the student's forward that the caller differentiates
         # (only the tangent is stopped), so the student runs forward once, not twice.
-        (F, logvar), (dF, _) = jax.jvp(
+        (F, logvar), dF = _primal_and_tangent(
             lambda xh, tt: student_fn(xh, tt, cond),
-            (x_hat, t),
-            _tangents(x_hat, t, F_T, time_dtype),
+            x_hat,
+            t,
+            F_T,
+            time_dtype,
+            time_derivative,
+            fd_dt,
         )
-        dF = sg(dF).astype(F32)
+        dF = sg(dF)
     else:
         dF = sg(
             scm_tangent(
-                lambda xh, tt: tangent_fn(xh, tt, cond)[0], x_hat, t, F_T, time_dtype=time_dtype
+                lambda xh, tt: tangent_fn(xh, tt, cond)[0],
+                x_hat,
+                t,
+                F_T,
+                time_dtype=time_dtype,
+                time_derivative=time_derivative,
+                fd_dt=fd_dt,
             )
         )
         F, logvar = student_fn(x_hat, t, cond)

@@ -38,6 +38,10 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 DELTA_INITS = ("copy", "zero")
+# FluxConfig(scan_layers=None) stacks the blocks of models at least this deep: an unrolled
+# FLUX.1-lite-8B step (8 + 38 blocks, three passes) is too large to compile quickly, while the
+# small models (tiny, mid, toy) keep the per-block layout their checkpoints were written in.
+SCAN_FROM_BLOCKS = 16
 
 
 def check_time_scale(value: Any) -> float:
@@ -58,6 +62,19 @@ class FluxConfig:
     ``delta_init`` is ``"copy"`` (a copy of the time embedder, as the paper's code) or ``"zero"``
     (zero output layer, so that the student equals the teacher at r = t). ``logvar_head`` adds
     sCM's Linear(D→1) on the conditioning vector (spec section 1.3).
+
+    ``scan_layers`` is the parameter layout of the blocks: per block (``double_blocks.{i}.…``,
+    run as a Python loop) or stacked on a leading ``layers`` axis (``double_blocks.…`` of shape
+    ``[num_double, …]``, each kind of block run as one ``jax.lax.scan``), so that the compiled
+    program does not grow with depth. None (the default) resolves by depth: stacked from
+    :data:`SCAN_FROM_BLOCKS` blocks on (the full-size presets), per block below (tiny, mid, toy).
+
+    ``time_embed_float32`` computes the time, guidance and Δ embeddings (sinusoid and MLP, and so
+    their JVP tangents) in float32 whatever the compute dtype, cast to it once summed into the
+    conditioning vector (NVIDIA rCM's JVP route to distil stock, ``time_scale = 1000``, teachers;
+    :func:`distill_jax.losses.scm_loss`'s ``time_derivative`` is the other). It changes what a
+    bfloat16 model computes, not its parameters, so it is stored with the structure: a student
+    trained with it samples with it.
     """
 
     num_double: int = 19
@@ -77,8 +94,13 @@ class FluxConfig:
     delta_embed: bool = False
     delta_init: str = "copy"
     logvar_head: bool = False
+    scan_layers: bool | None = None
+    time_embed_float32: bool = False
 
     def __post_init__(self):
+        if self.scan_layers is None:
+            deep = self.num_double + self.num_single >= SCAN_FROM_BLOCKS
+            object.__setattr__(self, "scan_layers", deep)
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(
                 f"FluxConfig: sum(axes_dim)={sum(self.axes_dim)} must equal "
@@ -172,6 +194,10 @@ class FluxConfig:
         )
 
     PRESETS = ("flux1_dev", "flux1_schnell", "flux1_lite_8b", "mid", "tiny", "toy")
+    # Fields a converted folder's config.json may lack, with the value its writer meant: folders
+    # written before scan_layers existed hold per-block parameters (distill_jax.folders), those
+    # before time_embed_float32 embed times in the compute dtype.
+    ADDED_FIELDS = {"scan_layers": False, "time_embed_float32": False}
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FluxConfig:
@@ -231,6 +257,18 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def embed_float32(embedder: MLPEmbedder, x: jax.Array) -> jax.Array:
+    """``embedder(x)`` (Linear, SiLU, Linear) in float32 whatever its compute dtype: parameters
+    upcast, matmuls at full float32 precision (not TF32 or one bf16 pass). [B, E] -> [B, D]."""
+
+    def dense(layer: nnx.Linear, h: jax.Array) -> jax.Array:
+        kernel = layer.kernel.get_value().astype(jnp.float32)
+        h = jnp.dot(h, kernel, precision=jax.lax.Precision.HIGHEST)
+        return h + layer.bias.get_value().astype(jnp.float32)
+
+    return dense(embedder.out_layer, jax.nn.silu(dense(embedder.in_layer, x.astype(jnp.float32))))
 
 
 def _linear(
@@ -400,6 +438,11 @@ class Flux(nnx.Module):
     :func:`distill_jax.models.attention.attention`. ``time_dtype`` is the precision of the time
     inputs (timestep, guidance, Δ) before the sinusoid: float32 keeps them exact, bfloat16 rounds
     them as the paper's models do (``timestep.to(hidden_states.dtype)``, spec 1.2 item 1, 7.6).
+
+    With ``cfg.scan_layers``, ``double_blocks`` and ``single_blocks`` are each one block whose
+    parameters hold every layer on a leading ``layers`` axis, run as one ``jax.lax.scan`` with
+    the remat policy applied to each step; otherwise they are ``nnx.List`` s of blocks.
+    :func:`relayout` moves parameters between the two layouts.
     """
 
     def __init__(
@@ -424,10 +467,12 @@ class Flux(nnx.Module):
         self.vector_in = MLPEmbedder(cfg.pooled_dim, d, **kw)
         self.guidance_in = MLPEmbedder(cfg.time_embed_dim, d, **kw) if cfg.guidance_embed else None
         self.delta_in = MLPEmbedder(cfg.time_embed_dim, d, **kw) if cfg.delta_embed else None
-        self.double_blocks = nnx.List(
+        # Built one by one in either layout, so that a seed gives the same weights in both.
+        layers = _stacked if cfg.scan_layers else nnx.List
+        self.double_blocks = layers(
             [DoubleBlock(cfg, attn_impl=attn_impl, **kw) for _ in range(cfg.num_double)]
         )
-        self.single_blocks = nnx.List(
+        self.single_blocks = layers(
             [SingleBlock(cfg, attn_impl=attn_impl, **kw) for _ in range(cfg.num_single)]
         )
         self.final_layer = FinalLayer(cfg, **kw)
@@ -448,21 +493,25 @@ class Flux(nnx.Module):
     ) -> jax.Array:
         """The conditioning vector ``vec [B, D]`` from timestep ``[B]``, pooled text ``[B, P]``,
         guidance ``[B]`` and (MeanFlow) Δ = t − r ``[B]``; times are rounded to ``time_dtype``,
-        then scaled by ``time_scale``."""
+        then scaled by ``time_scale``. The sinusoids are float32; with
+        ``cfg.time_embed_float32`` so are their embedders, until ``vec`` is cast to ``dtype``."""
         cfg, e = self.cfg, self.cfg.time_embed_dim
 
-        def embed(x):
+        def embedded(embedder, x):
             x = jnp.broadcast_to(quantize(x, self.time_dtype), pooled_projections.shape[:1])
-            return timestep_embedding(x * cfg.time_scale, e).astype(self.dtype)
+            x = timestep_embedding(x * cfg.time_scale, e)  # [B, E] float32
+            if cfg.time_embed_float32:
+                return embed_float32(embedder, x)
+            return embedder(x.astype(self.dtype))
 
-        vec = self.time_in(embed(timestep))
+        vec = embedded(self.time_in, timestep)
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError(
                     "this FLUX model embeds guidance (guidance_embed=True); "
                     "pass guidance=[B] (e.g. 3.5)"
                 )
-            vec = vec + self.guidance_in(embed(guidance))
+            vec = vec + embedded(self.guidance_in, guidance)
         elif guidance is not None:
             raise ValueError(
                 "this FLUX model has no guidance embedder (guidance_embed=False, "
@@ -474,12 +523,13 @@ class Flux(nnx.Module):
                     "this FLUX model has a Δ-time embedder (delta_embed=True); "
                     "pass timestep2 = t - r"
                 )
-            vec = vec + self.delta_in(embed(timestep2))
+            vec = vec + embedded(self.delta_in, timestep2)
         elif timestep2 is not None:
             raise ValueError(
                 "timestep2 given but the model has no Δ-time embedder (delta_embed=False)"
             )
-        return vec + self.vector_in(pooled_projections.astype(self.dtype))
+        vec = vec + self.vector_in(pooled_projections.astype(self.dtype))
+        return vec.astype(self.dtype)
 
     def _block(self, block: nnx.Module, *args):
         if self.remat == "none":
@@ -492,7 +542,29 @@ class Flux(nnx.Module):
         def run(state, *args):
             return nnx.merge(graphdef, state)(*args)
 
-        return jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(state, *args)
+        # Inside a scan, the loop already keeps XLA from merging the recomputation away.
+        policy, cse = REMAT_POLICIES[self.remat], not self.cfg.scan_layers
+        return jax.checkpoint(run, policy=policy, prevent_cse=cse)(state, *args)
+
+    def _blocks(self, blocks: nnx.Module, x: tuple[jax.Array, ...], *args) -> tuple:
+        """Runs ``blocks`` (an ``nnx.List``, or one block of stacked parameters: one scan step
+        per layer) in order on the stream(s) ``x``, each output constrained to its sharding."""
+
+        def step(x, block):
+            out = self._block(block, *x, *args)
+            out = out if isinstance(out, tuple) else (out,)
+            return tuple(constrain(o, "batch", "seq", "act_embed") for o in out)
+
+        if isinstance(blocks, nnx.List):
+            for block in blocks:
+                x = step(x, block)
+            return x
+        graphdef, stacked = nnx.split(blocks)
+
+        def body(x, layer):  # layer: one block's slice of the stacked state
+            return step(x, nnx.merge(graphdef, layer)), None
+
+        return jax.lax.scan(body, x, stacked)[0]
 
     def __call__(
         self,
@@ -537,13 +609,9 @@ class Flux(nnx.Module):
         )  # [B or 1, T, 3]
         cos, sin = rope_frequencies(ids, cfg.axes_dim, cfg.rope_theta)  # [B or 1, T, K/2]
 
-        for block in self.double_blocks:
-            img, txt = self._block(block, img, txt, vec, cos, sin)
-            img = constrain(img, "batch", "seq", "act_embed")
-            txt = constrain(txt, "batch", "seq", "act_embed")
+        img, txt = self._blocks(self.double_blocks, (img, txt), vec, cos, sin)
         x = jnp.concatenate([txt, img], axis=1)  # [B, T, D]
-        for block in self.single_blocks:
-            x = constrain(self._block(block, x, vec, cos, sin), "batch", "seq", "act_embed")
+        (x,) = self._blocks(self.single_blocks, (x,), vec, cos, sin)
         out = self.final_layer(x[:, s:], vec)  # [B, L, C_out]
         if not return_logvar:
             return out
@@ -565,6 +633,66 @@ class Flux(nnx.Module):
             None if self.delta_in is None else jnp.zeros_like(timestep),
         )
         return self.logvar(vec)[:, 0].astype(jnp.float32)
+
+
+LAYERS = "layers"  # the logical axis of stacked blocks (never sharded: see sharding.py)
+_BLOCK_LISTS = ("double_blocks", "single_blocks")
+
+
+def _stack(variables: list[nnx.Variable]) -> nnx.Variable:
+    """One variable holding ``variables``' values stacked on a leading ``layers`` axis."""
+    first = variables[0]
+    out = first.replace(jnp.stack([v.get_value() for v in variables]))
+    names = first.get_metadata("logical_axes", None)
+    if names is not None:
+        out.set_metadata("logical_axes", (LAYERS, *names))
+    return out
+
+
+def _unstack(variable: nnx.Variable) -> list[nnx.Variable]:
+    """The per-layer variables of a stacked one (the inverse of :func:`_stack`)."""
+    value, names = variable.get_value(), variable.get_metadata("logical_axes", None)
+    out = []
+    for i in range(value.shape[0]):
+        v = variable.replace(value[i])
+        if names is not None:
+            v.set_metadata("logical_axes", tuple(names[1:]))
+        out.append(v)
+    return out
+
+
+def _stacked(blocks: list[nnx.Module]) -> nnx.Module:
+    """One module of ``blocks``' structure whose every variable holds all the blocks' values on a
+    leading ``layers`` axis, for :meth:`Flux._blocks`' scan."""
+    if not blocks:
+        return nnx.List([])
+    split = [nnx.split(b) for b in blocks]
+    flat = [dict(nnx.to_flat_state(state)) for _, state in split]
+    stacked = [(p, _stack([f[p] for f in flat])) for p in flat[0]]
+    return nnx.merge(split[0][0], nnx.from_flat_state(stacked))
+
+
+def relayout(params: nnx.State, scan_layers: bool) -> nnx.State:
+    """A :class:`Flux` state (parameters, or any state of the same paths) in the block layout
+    ``scan_layers``: per-block variables (``double_blocks.{i}.…``) stacked into one per name
+    (``double_blocks.…``, ``[N, …]``), or stacked ones split back. Values are moved, never
+    changed (bit for bit); works under ``jax.jit``. A state already in that layout is returned
+    as it is."""
+    out, groups = [], {}
+    for path, var in nnx.to_flat_state(params):
+        per_block = path[0] in _BLOCK_LISTS and isinstance(path[1], int)
+        stacked = path[0] in _BLOCK_LISTS and not per_block
+        if scan_layers and per_block:
+            groups.setdefault((path[0], *path[2:]), {})[path[1]] = var
+        elif not scan_layers and stacked:
+            out += [((path[0], i, *path[1:]), v) for i, v in enumerate(_unstack(var))]
+        else:
+            out.append((path, var))
+    for path, layers in groups.items():
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"{'.'.join(map(str, path))}: blocks {sorted(layers)} are not 0..N-1")
+        out.append((path, _stack([layers[i] for i in range(len(layers))])))
+    return nnx.from_flat_state(out)
 
 
 def reset_delta_embedder(model: Flux, mode: str) -> None:

@@ -5,6 +5,9 @@ list of renames and transposes; the diffusers table fuses q/k/v (and, in single 
 with ``proj_mlp``) and swaps the final AdaLN's (scale, shift) halves. The T2I-Distill students'
 extra heads keep the names the paper's code uses: ``timestep_embedder2.*`` (MeanFlow's Δ-time
 embedder) and ``logvar_linear.*`` (sCM's log-variance head). See ``shared/spec/flux-weights.md``.
+A model with ``scan_layers`` stacks each kind of block: one rule per parameter name reads that
+tensor of every block (``port.table.layers``), so checkpoints convert straight into the stacked
+layout and export back from it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from distill_jax.port.table import (
     SWAP_SCALE_SHIFT_LINEAR,
     Rule,
     fused,
+    layers,
     linear,
     rule,
     to_source,
@@ -46,8 +50,8 @@ def _heads(cfg: FluxConfig, prefix: str) -> list[Rule]:
 
 
 def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
-    """Our parameters <- ``FluxTransformer2DModel.state_dict()`` keys."""
-    d, m = cfg.hidden, cfg.mlp_hidden
+    """Our parameters <- ``FluxTransformer2DModel.state_dict()`` keys (blocks stacked when
+    ``cfg.scan_layers``)."""
     emb = "time_text_embed"
     rules = [
         *linear("img_in", "x_embedder"),
@@ -57,48 +61,16 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
     ]
     if cfg.guidance_embed:
         rules += _mlp_embedder("guidance_in", f"{emb}.guidance_embedder", "linear_1", "linear_2")
-    for i in range(cfg.num_double):
-        ours, theirs = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        a = f"{theirs}.attn"
-        for stream, mod, proj, ff, q, k, v, qn, kn in (
-            ("img", "norm1", "to_out.0", "ff", "to_q", "to_k", "to_v", "norm_q", "norm_k"),
-            (
-                "txt",
-                "norm1_context",
-                "to_add_out",
-                "ff_context",
-                "add_q_proj",
-                "add_k_proj",
-                "add_v_proj",
-                "norm_added_q",
-                "norm_added_k",
-            ),
-        ):
-            rules += [
-                *linear(f"{ours}.{stream}_mod.lin", f"{theirs}.{mod}.linear"),
-                *fused(
-                    f"{ours}.{stream}_attn.qkv", [f"{a}.{q}", f"{a}.{k}", f"{a}.{v}"], [d, d, d]
-                ),
-                rule(f"{ours}.{stream}_attn.query_norm.scale", f"{a}.{qn}.weight"),
-                rule(f"{ours}.{stream}_attn.key_norm.scale", f"{a}.{kn}.weight"),
-                *linear(f"{ours}.{stream}_attn.proj", f"{a}.{proj}"),
-                *linear(f"{ours}.{stream}_mlp.fc1", f"{theirs}.{ff}.net.0.proj"),
-                *linear(f"{ours}.{stream}_mlp.fc2", f"{theirs}.{ff}.net.2"),
-            ]
-    for i in range(cfg.num_single):
-        ours, theirs = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        a = f"{theirs}.attn"
-        rules += [
-            *linear(f"{ours}.modulation.lin", f"{theirs}.norm.linear"),
-            *fused(
-                f"{ours}.linear1",
-                [f"{a}.to_q", f"{a}.to_k", f"{a}.to_v", f"{theirs}.proj_mlp"],
-                [d, d, d, m],
-            ),
-            rule(f"{ours}.query_norm.scale", f"{a}.norm_q.weight"),
-            rule(f"{ours}.key_norm.scale", f"{a}.norm_k.weight"),
-            *linear(f"{ours}.linear2", f"{theirs}.proj_out"),
-        ]
+    rules += layers(
+        "double_blocks",
+        [_diffusers_double(cfg, i) for i in range(cfg.num_double)],
+        stack=cfg.scan_layers,
+    )
+    rules += layers(
+        "single_blocks",
+        [_diffusers_single(cfg, i) for i in range(cfg.num_single)],
+        stack=cfg.scan_layers,
+    )
     rules += [
         rule(
             "final_layer.adaLN.kernel", "norm_out.linear.weight", transform=SWAP_SCALE_SHIFT_LINEAR
@@ -109,8 +81,57 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
     return rules + _heads(cfg, "")
 
 
+def _diffusers_double(cfg: FluxConfig, i: int) -> list[Rule]:
+    """Double block ``i``: its two streams, each with its own weights."""
+    d, rules = cfg.hidden, []
+    ours, theirs = f"double_blocks.{i}", f"transformer_blocks.{i}"
+    a = f"{theirs}.attn"
+    for stream, mod, proj, ff, q, k, v, qn, kn in (
+        ("img", "norm1", "to_out.0", "ff", "to_q", "to_k", "to_v", "norm_q", "norm_k"),
+        (
+            "txt",
+            "norm1_context",
+            "to_add_out",
+            "ff_context",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "norm_added_q",
+            "norm_added_k",
+        ),
+    ):
+        rules += [
+            *linear(f"{ours}.{stream}_mod.lin", f"{theirs}.{mod}.linear"),
+            *fused(f"{ours}.{stream}_attn.qkv", [f"{a}.{q}", f"{a}.{k}", f"{a}.{v}"], [d, d, d]),
+            rule(f"{ours}.{stream}_attn.query_norm.scale", f"{a}.{qn}.weight"),
+            rule(f"{ours}.{stream}_attn.key_norm.scale", f"{a}.{kn}.weight"),
+            *linear(f"{ours}.{stream}_attn.proj", f"{a}.{proj}"),
+            *linear(f"{ours}.{stream}_mlp.fc1", f"{theirs}.{ff}.net.0.proj"),
+            *linear(f"{ours}.{stream}_mlp.fc2", f"{theirs}.{ff}.net.2"),
+        ]
+    return rules
+
+
+def _diffusers_single(cfg: FluxConfig, i: int) -> list[Rule]:
+    d, m = cfg.hidden, cfg.mlp_hidden
+    ours, theirs = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+    a = f"{theirs}.attn"
+    return [
+        *linear(f"{ours}.modulation.lin", f"{theirs}.norm.linear"),
+        *fused(
+            f"{ours}.linear1",
+            [f"{a}.to_q", f"{a}.to_k", f"{a}.to_v", f"{theirs}.proj_mlp"],
+            [d, d, d, m],
+        ),
+        rule(f"{ours}.query_norm.scale", f"{a}.norm_q.weight"),
+        rule(f"{ours}.key_norm.scale", f"{a}.norm_k.weight"),
+        *linear(f"{ours}.linear2", f"{theirs}.proj_out"),
+    ]
+
+
 def bfl_rules(cfg: FluxConfig) -> list[Rule]:
-    """Our parameters <- BFL single-file keys (``flux1-dev.safetensors``)."""
+    """Our parameters <- BFL single-file keys (``flux1-dev.safetensors``); blocks stacked when
+    ``cfg.scan_layers``."""
     rules = [
         *linear("img_in", "img_in"),
         *linear("txt_in", "txt_in"),
@@ -119,32 +140,40 @@ def bfl_rules(cfg: FluxConfig) -> list[Rule]:
     ]
     if cfg.guidance_embed:
         rules += _mlp_embedder("guidance_in", "guidance_in", "in_layer", "out_layer")
-    for i in range(cfg.num_double):
-        p = f"double_blocks.{i}"
-        for s in ("img", "txt"):
-            rules += [
-                *linear(f"{p}.{s}_mod.lin", f"{p}.{s}_mod.lin"),
-                *linear(f"{p}.{s}_attn.qkv", f"{p}.{s}_attn.qkv"),
-                rule(f"{p}.{s}_attn.query_norm.scale", f"{p}.{s}_attn.norm.query_norm.scale"),
-                rule(f"{p}.{s}_attn.key_norm.scale", f"{p}.{s}_attn.norm.key_norm.scale"),
-                *linear(f"{p}.{s}_attn.proj", f"{p}.{s}_attn.proj"),
-                *linear(f"{p}.{s}_mlp.fc1", f"{p}.{s}_mlp.0"),
-                *linear(f"{p}.{s}_mlp.fc2", f"{p}.{s}_mlp.2"),
-            ]
-    for i in range(cfg.num_single):
-        p = f"single_blocks.{i}"
-        rules += [
-            *linear(f"{p}.modulation.lin", f"{p}.modulation.lin"),
-            *linear(f"{p}.linear1", f"{p}.linear1"),
-            rule(f"{p}.query_norm.scale", f"{p}.norm.query_norm.scale"),
-            rule(f"{p}.key_norm.scale", f"{p}.norm.key_norm.scale"),
-            *linear(f"{p}.linear2", f"{p}.linear2"),
-        ]
+    double = [_bfl_double(f"double_blocks.{i}") for i in range(cfg.num_double)]
+    single = [_bfl_single(f"single_blocks.{i}") for i in range(cfg.num_single)]
+    rules += layers("double_blocks", double, stack=cfg.scan_layers)
+    rules += layers("single_blocks", single, stack=cfg.scan_layers)
     rules += [
         *linear("final_layer.adaLN", "final_layer.adaLN_modulation.1"),
         *linear("final_layer.linear", "final_layer.linear"),
     ]
     return rules + _heads(cfg, "")
+
+
+def _bfl_double(p: str) -> list[Rule]:
+    rules = []
+    for s in ("img", "txt"):
+        rules += [
+            *linear(f"{p}.{s}_mod.lin", f"{p}.{s}_mod.lin"),
+            *linear(f"{p}.{s}_attn.qkv", f"{p}.{s}_attn.qkv"),
+            rule(f"{p}.{s}_attn.query_norm.scale", f"{p}.{s}_attn.norm.query_norm.scale"),
+            rule(f"{p}.{s}_attn.key_norm.scale", f"{p}.{s}_attn.norm.key_norm.scale"),
+            *linear(f"{p}.{s}_attn.proj", f"{p}.{s}_attn.proj"),
+            *linear(f"{p}.{s}_mlp.fc1", f"{p}.{s}_mlp.0"),
+            *linear(f"{p}.{s}_mlp.fc2", f"{p}.{s}_mlp.2"),
+        ]
+    return rules
+
+
+def _bfl_single(p: str) -> list[Rule]:
+    return [
+        *linear(f"{p}.modulation.lin", f"{p}.modulation.lin"),
+        *linear(f"{p}.linear1", f"{p}.linear1"),
+        rule(f"{p}.query_norm.scale", f"{p}.norm.query_norm.scale"),
+        rule(f"{p}.key_norm.scale", f"{p}.norm.key_norm.scale"),
+        *linear(f"{p}.linear2", f"{p}.linear2"),
+    ]
 
 
 def abstract_flux(cfg: FluxConfig, **kw) -> Flux:

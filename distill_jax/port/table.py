@@ -139,6 +139,46 @@ def fused(target: str, sources: Sequence[str], sizes: Sequence[int]) -> list[Rul
     ]
 
 
+def stacked(transform: Transform, n: int) -> Transform:
+    """``transform`` applied to each of ``n`` layers' sources (given layer after layer), the
+    targets stacked on a leading layer axis: ``[n, *target]``. Filled layer by layer, so that
+    memory holds the stacked target and one layer's sources."""
+
+    def forward(sources: Sequence[np.ndarray]) -> np.ndarray:
+        k = len(sources) // n
+        first = np.asarray(transform.forward(sources[:k]))
+        out = np.empty((n, *first.shape), first.dtype)
+        out[0] = first
+        for i in range(1, n):
+            out[i] = transform.forward(sources[i * k : (i + 1) * k])
+        return out
+
+    return Transform(
+        f"stacked{n}_{transform.name}",
+        forward,
+        lambda t: [p for i in range(n) for p in transform.inverse(t[i])],
+        lambda shape: transform.source_shapes(tuple(shape[1:])) * n,
+    )
+
+
+def layers(prefix: str, per_layer: Sequence[Sequence[Rule]], *, stack: bool) -> list[Rule]:
+    """The rules of a list of layers, ``per_layer[i]`` filling ``{prefix}.{i}.…``: as they are,
+    or (``stack``) one rule per name filling ``{prefix}.…`` of shape ``[n, …]`` from every
+    layer's sources (the layout of scanned blocks)."""
+    if not stack or not per_layer:
+        return [r for rules in per_layer for r in rules]
+    n, out = len(per_layer), []
+    for j, first in enumerate(per_layer[0]):
+        name = first.target.removeprefix(f"{prefix}.0.")
+        same = [rules[j] for rules in per_layer]
+        for i, r in enumerate(same):
+            if r.target != f"{prefix}.{i}.{name}" or r.transform.name != first.transform.name:
+                raise AssertionError(f"layer {i} of {prefix}: rule {r} does not match {first}")
+        sources = tuple(s for r in same for s in r.sources)
+        out.append(Rule(f"{prefix}.{name}", sources, stacked(first.transform, n)))
+    return out
+
+
 def _shape_of(source: Mapping[str, object], key: str) -> Shape:
     shape_of = getattr(source, "shape_of", None)  # lazy mappings give shapes without reading
     return tuple(shape_of(key)) if shape_of else tuple(np.shape(source[key]))
