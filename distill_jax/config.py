@@ -327,9 +327,10 @@ def toy_config(method: str = "flow_matching") -> ml_collections.ConfigDict:
     elif method == "scm":
         c.total_steps, c.checkpoint_every = 800, 400
         c.data.batch_size = 32
-        # A film of noise over the samples grows with the learning rate and with training at a
-        # high one (1-step background noise: 8.9 at 2e-4, 19.7 after 1600 steps at 2e-4, 8.0
-        # at 1e-4, 6.7 at 5e-5 and 2e-5; the teacher's 2.9): README, the demo.
+        # With the first toy teachers (linear latents) a film of noise over the samples grew
+        # with the learning rate and with training at a high one (1-step background noise: 8.9
+        # at 2e-4, 19.7 after 1600 steps at 2e-4, 8.0 at 1e-4, 6.7 at 5e-5 and 2e-5; the
+        # teacher's 2.9): README, the demo.
         c.optim.lr, c.optim.weight_decay = 2e-5, 0.0
         c.loss.scm.tangent_warmup_steps = 100
     elif method == "meanflow":

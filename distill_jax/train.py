@@ -658,7 +658,10 @@ def save_student(config: ml_collections.ConfigDict, run: Run, dst: Path) -> Path
             from distill_jax.demo import measure_toy
 
             measured = measure_toy(folders.load_pipeline(path))
-            folders.save_toy_meta(path, {"training": training, "evaluation": measured})
+            folders.save_toy_meta(
+                path,
+                {"training": training, "evaluation": measured, "teacher_steps": measured["steps"]},
+            )
     log.info("student written to %s", path)
     return path
 

@@ -163,7 +163,9 @@ def test_generate_is_the_sampler_on_encoded_prompts(teacher, method):
         method=method,
         seed=3,
     )
-    t5, pooled = toy.encode_text(teacher.t5, PROMPTS, shapes.VOCAB, shapes.TEXT_LEN)
+    t5, pooled = toy.encode_text(
+        teacher.t5, PROMPTS, shapes.VOCAB, shapes.TEXT_LEN, context=teacher.text_context
+    )
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 1), 0)
     packed = denoise(
         teacher,
