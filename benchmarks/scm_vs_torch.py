@@ -13,7 +13,10 @@ also the two CFG student passes), student forward and backward, global-norm clip
   is conditional and inside the CFG window, so PyTorch runs one JVP over the batch, as JAX does.
 
 Prints median seconds per step over ``--repeats`` and ``jax_over_torch`` (against the faster
-thread setting) as a final JSON line. Target: <= 0.8.
+thread setting) as a final JSON line. Target: <= 0.8. The JSON also gives the FLOPs per step of
+the JAX step and of the trainer's flow-matching step from XLA's cost analysis, and their ratio,
+which does not depend on the machine (benchmarks/losses.py's ``step_flops``; issue 17: sCM
+<= 2.2, ideally about 2.0).
 
     .venv/bin/python benchmarks/scm_vs_torch.py [--method scm|meanflow] [--repeats 3]
         [--jvp-attn-impl blockwise|xla]
@@ -44,6 +47,7 @@ from losses import (  # noqa: E402
     MID,
     TEXT,
     add_jvp_attn_flag,
+    flops_fields,
 )
 from train_step import compiled_step  # noqa: E402
 
@@ -122,6 +126,7 @@ def main(method: str | None = None):
                 },
                 "target": 0.8,
                 "jax_compile_s": round(compile_s, 1),
+                **flops_fields(("flow_matching", args.method), args.jvp_attn_impl),
                 "jax_jvp_attn_impl": args.jvp_attn_impl,
                 "repeats": args.repeats,
             }

@@ -15,12 +15,22 @@ impl               jax.jvp   grad  what it is; most of the T x T scores held at 
 "cudnn"            no        yes   cuDNN's fused kernel (GPU, half precision); none
 "splash"           no        yes   Pallas splash kernel (TPU); none
 "auto"             if xla    yes   cudnn on GPU, splash on TPU, else xla
+"hijax"            yes       yes   one op: forward and backward by "auto", the tangent
+                                   by "blockwise"; as "auto", tangent: [B, H, Q, S] tiles
 =================  ========  ====  ==================================================
 
 sCM and MeanFlow need ``jax.jvp`` through the student. Fused kernels define only a backward rule,
 so that pass runs ``"blockwise"`` (or a :class:`Blockwise` with chosen tile sizes): online-softmax
 attention whose forward *and* tangent are computed tile by tile in one sweep over the keys. The
-gradient pass is a separate forward and may use ``"auto"``.
+gradient pass is then a separate forward and may use ``"auto"``.
+
+``"hijax"`` (or a :class:`Hijax`) serves both passes with one op, built on jax 0.10's
+``jax.experimental.hijax.VJPHiPrimitive``: ``jax.jvp`` runs the blockwise tangent, reverse mode
+the fused kernel's backward, also for a reverse pass over a JVP's primal (sCM's one-pass loss)
+and through ``jax.checkpoint`` and ``jax.lax.scan``; benchmarks/hijax_attention.py shows which
+rule each transformation runs. With ``model.attn_impl = model.jvp_attn_impl = "hijax"`` the
+losses take the student's forward from the JVP's primal: one graphdef, one student forward.
+The API is experimental in jax; the op has no ``jax.vmap`` rule.
 """
 
 from __future__ import annotations
@@ -33,10 +43,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import hijax
 
 from distill_jax.sharding import activation_spec
 
-IMPLEMENTATIONS = ("xla", "plain", "blockwise", "cudnn", "splash", "auto")
+IMPLEMENTATIONS = ("xla", "plain", "blockwise", "cudnn", "splash", "auto", "hijax")
 DEFAULT_BLOCK = 512
 SPLASH_ALIGN = 128  # splash tiles are multiples of 128 tokens
 
@@ -96,11 +107,12 @@ class Blockwise:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | Blockwise = "xla"
+    q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | Blockwise | Hijax = "xla"
 ) -> jax.Array:
     """Full (unmasked) multi-head attention. ``q, k, v``: ``[B, T, H, K]`` -> ``[B, T, H, K]``.
 
-    ``impl`` is one of :data:`IMPLEMENTATIONS` or a :class:`Blockwise` (see the module table).
+    ``impl`` is one of :data:`IMPLEMENTATIONS`, a :class:`Blockwise` or a :class:`Hijax` (see the
+    module table).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -109,6 +121,10 @@ def attention(
         )
     if isinstance(impl, Blockwise):
         return blockwise_attention(q, k, v, block_q=impl.block_q, block_kv=impl.block_kv)
+    if isinstance(impl, Hijax):
+        return hijax_attention(q, k, v, impl)
+    if impl == "hijax":
+        return hijax_attention(q, k, v)
     if impl == "auto":
         impl = auto_impl(jax.default_backend(), q.dtype, q.shape[-1])
     if impl == "xla":
@@ -122,7 +138,8 @@ def attention(
     if impl == "splash":
         return splash_attention(q, k, v)
     raise ValueError(
-        f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS} or a Blockwise(...)"
+        f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}, a Blockwise(...) "
+        "or a Hijax(...)"
     )
 
 
@@ -266,6 +283,115 @@ def _sweep(q, k, v, tangents, block_q, block_kv):
 
 def _bqhk(x: jax.Array, dtype) -> jax.Array:
     return jnp.einsum("bhqk->bqhk", x).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# One op for every pass (jax.experimental.hijax): the forward and backward of a fused kernel, the
+# tangent of the blockwise sweep. Autodiff never looks inside either op; it calls their rules:
+#   _Attention        jax.jvp -> its jvp: (_Attention(q, k, v), _AttentionTangent(q, k, v, dq..))
+#                     reverse -> its vjp_fwd / vjp_bwd: the fused kernel's own VJP
+#   _AttentionTangent evaluated by the blockwise sweep; transposed (the tangent is linear in dq,
+#                     dk, dv) by the fused kernel's VJP, since the transpose of a JVP is the VJP.
+# The second op is what makes reverse mode through jax.checkpoint use the fused backward too:
+# checkpoint linearizes by JVP and partial evaluation, then transposes the linear part.
+# ------------------------------------------------------------------------------------------------
+
+FUSED = ("xla", "plain", "cudnn", "splash", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hijax:
+    """One attention op for the forward, backward *and* tangent passes; pass an instance as
+    ``impl`` (or a model's ``attn_impl``). ``"hijax"`` means ``Hijax()``.
+
+    ``fused`` (one of :data:`FUSED`; ``"auto"``: :func:`auto_impl`) computes the forward and
+    backward, ``tangent`` (a :class:`Blockwise`) the JVP's tangent, which never holds ``T x T``.
+    Under ``jax.jvp`` the forward runs twice, by ``fused`` and inside the tangent's sweep, so
+    that a reverse pass over the JVP's primal (sCM's one-pass loss) runs ``fused``'s backward.
+    """
+
+    fused: str = "auto"
+    tangent: Blockwise = Blockwise()
+
+    def __post_init__(self):
+        if self.fused not in FUSED:
+            raise ValueError(f"Hijax.fused={self.fused!r}; choose one of {FUSED}")
+        if not isinstance(self.tangent, Blockwise):
+            raise ValueError(f"Hijax.tangent must be a Blockwise, got {self.tangent!r}")
+
+
+def hijax_attention(q: jax.Array, k: jax.Array, v: jax.Array, op: Hijax = Hijax()) -> jax.Array:
+    """Attention as one ``jax.experimental.hijax`` op (:class:`Hijax`). ``q, k, v``:
+    ``[B, T, H, K]`` -> ``[B, T, H, K]``. No ``jax.vmap`` rule."""
+    fused = op.fused
+    if fused == "auto":
+        fused = auto_impl(jax.default_backend(), q.dtype, q.shape[-1])
+    tiles = (min(op.tangent.block_q, q.shape[1]), min(op.tangent.block_kv, q.shape[1]))
+    return _Attention((q, k, v), fused, tiles)(q, k, v)
+
+
+def _accumulates(x) -> bool:
+    """Whether a transpose rule's argument is a cotangent accumulator (a linear input)."""
+    return callable(getattr(x, "accum", None))
+
+
+def _sweep_tangent(q, k, v, dq, dk, dv, tiles):
+    return _sweep(q, k, v, (dq, dk, dv), *tiles)[1]
+
+
+class _Op(hijax.VJPHiPrimitive):
+    """An attention primitive of ``args`` whose output has the type of the first (``q``)."""
+
+    def __init__(self, args, fused: str, tiles: tuple[int, int]):
+        self.in_avals = tuple(map(jax.typeof, args))
+        self.out_aval = self.in_avals[0]
+        self.params = {"fused": fused, "tiles": tiles}
+        super().__init__()
+
+
+class _Attention(_Op):
+    def expand(self, q, k, v):
+        return attention(q, k, v, impl=self.fused)
+
+    def vjp_fwd(self, nzs_in, q, k, v):
+        # The pullback is a pytree of the kernel's residuals.
+        return jax.vjp(functools.partial(attention, impl=self.fused), q, k, v)
+
+    def vjp_bwd_retval(self, pullback, d_out):
+        return pullback(hijax.instantiate_zeros(d_out))
+
+    def jvp(self, primals, tangents):
+        tangents = tuple(map(hijax.instantiate_zeros, tangents))
+        d_out = _AttentionTangent(primals + tangents, self.fused, self.tiles)(*primals, *tangents)
+        return self(*primals), d_out
+
+
+class _AttentionTangent(_Op):
+    """``(q, k, v, dq, dk, dv) -> dO``, linear in the last three."""
+
+    def expand(self, *args):
+        return _sweep_tangent(*args, self.tiles)
+
+    def transpose(self, d_out, q, k, v, *accums):
+        if any(map(_accumulates, (q, k, v))):
+            raise NotImplementedError("attention's tangent is linear in dq, dk, dv only")
+        if isinstance(d_out, hijax.Zero):
+            return
+        _, pullback = jax.vjp(functools.partial(attention, impl=self.fused), q, k, v)
+        for acc, ct in zip(accums, pullback(d_out), strict=True):
+            if _accumulates(acc):
+                acc.accum(ct)
+
+    # Differentiating the tangent itself (second order) goes through the sweep.
+    def vjp_fwd(self, nzs_in, *args):
+        return jax.vjp(functools.partial(_sweep_tangent, tiles=self.tiles), *args)
+
+    def vjp_bwd_retval(self, pullback, d_out):
+        return pullback(hijax.instantiate_zeros(d_out))
+
+    def jvp(self, primals, tangents):
+        tangents = tuple(map(hijax.instantiate_zeros, tangents))
+        return jax.jvp(functools.partial(_sweep_tangent, tiles=self.tiles), primals, tangents)
 
 
 # ------------------------------------------------------------------------------------------------
