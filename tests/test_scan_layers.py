@@ -33,7 +33,7 @@ from distill_jax.checkpoint import Checkpoints
 from distill_jax.config import base_config, load_config
 from distill_jax.folders import load_flux, save_model
 from distill_jax.memory import abstract_inputs, abstract_teacher, lower_step, plan_memory
-from distill_jax.models.flux import REMAT_POLICIES, Flux, FluxConfig, relayout
+from distill_jax.models.flux import Flux, FluxConfig, relayout
 from distill_jax.port.flux import (
     abstract_flux,
     bfl_rules,
@@ -139,8 +139,10 @@ def test_one_seed_gives_one_model_in_both_layouts_and_relayout_is_bit_exact():
 # --- the same function --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn_impl", ["xla", "blockwise"])
-@pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
+# Every remat policy once, and each attention once (the tangent pass's blockwise under remat).
+@pytest.mark.parametrize(
+    ("remat", "attn_impl"), [("none", "xla"), ("full", "blockwise"), ("dots", "xla")]
+)
 def test_outputs_jvps_and_gradients_agree(remat, attn_impl):
     case = Case(CFG, batch=2, grid=(4, 4), text_len=5)
     x = {k: jnp.asarray(v) for k, v in inputs(case).items()}
