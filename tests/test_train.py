@@ -377,3 +377,38 @@ def test_toy_teacher_runlocal_writes_a_toy_pipeline_that_samples(tmp_path):
     evaluation = meta["evaluation"]  # the teacher's held-out accuracy, as written
     assert (evaluation["prompts"], evaluation["steps"]) == (512, 16)
     assert 0 <= evaluation["accuracy"]["overall"] <= 1 and evaluation["background_noise"] >= 0
+
+
+def test_stock_teacher_to_rescaled_to_scm_and_directly(tmp_path):
+    """The whole route from stock weights on a tiny model: a flow-matching teacher at time_scale
+    1000 is written; the rescale stage turns it into a time_scale 1 folder; sCM distils that
+    one; and sCM with the finite-difference time derivative distils the stock one directly
+    (its student keeps time_scale 1000). Every step is finite and each student is written."""
+    from distill_jax.folders import load_flux
+
+    stock = train(tiny("flow_matching"), tmp_path / "stock")
+    assert load_flux(tmp_path / "stock" / "student").cfg.time_scale == 1000.0
+    rescale = tiny("rescale", **{"teacher.path": str(tmp_path / "stock" / "student")})
+    rescaled = train(rescale, tmp_path / "rescaled")
+    assert load_flux(tmp_path / "rescaled" / "student").cfg.time_scale == 1.0
+    scm = tiny("scm", **{"teacher.path": str(tmp_path / "rescaled" / "student")})
+    scm.model.overrides = {}
+    student = train(scm, tmp_path / "scm")
+    direct = tiny(
+        "scm",
+        **{
+            "teacher.path": str(tmp_path / "stock" / "student"),
+            "loss.time_derivative": "finite_difference",
+        },
+    )
+    direct.model.overrides = {}
+    direct_run = train(direct, tmp_path / "direct")
+    for run in (stock, rescaled, student, direct_run):
+        assert all(np.isfinite(m["train/loss"]) for m in run.metrics)
+        assert run.metrics[-1]["train/skipped_steps"] == 0
+    assert load_flux(tmp_path / "scm" / "student").cfg.logvar_head
+    assert load_flux(tmp_path / "direct" / "student").cfg.time_scale == 1000.0
+    with pytest.raises(ValueError, match="time_scale"):  # jvp through 1000 t: rescale first
+        plain = tiny("scm", **{"teacher.path": str(tmp_path / "stock" / "student")})
+        plain.model.overrides = {}
+        train(plain, tmp_path / "refused")
