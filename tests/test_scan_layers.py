@@ -3,8 +3,9 @@ checkpoints in and out.
 
 A model with stacked blocks and one without, built from one seed, hold the same weights
 (:func:`relayout` moves them bit for bit). Outputs, JVPs (in the latents and in time) and
-parameter gradients agree to 1e-5 of their scale in float32, under every remat policy and with
-the attention implementations of both trainer passes; so do the trainer's sCM loss and its
+parameter gradients agree to 1e-5 of their scale in float32, without remat and under remat
+(dots; the trainer's test runs full), with the attention implementations of both trainer
+passes; so do the trainer's sCM loss and its
 gradient, with the tangent pass on its own graphdef (blockwise attention) or on the student's.
 The port tables convert diffusers and BFL state dicts straight into the stacked layout and
 export them back bit for bit; Orbax checkpoints and converted folders round-trip; sharding of
@@ -139,10 +140,9 @@ def test_one_seed_gives_one_model_in_both_layouts_and_relayout_is_bit_exact():
 # --- the same function --------------------------------------------------------------------------
 
 
-# Every remat policy once, and each attention once (the tangent pass's blockwise under remat).
-@pytest.mark.parametrize(
-    ("remat", "attn_impl"), [("none", "xla"), ("full", "blockwise"), ("dots", "xla")]
-)
+# Each attention once, the tangent pass's blockwise under a remat policy (the trainer's
+# sCM test below runs remat full).
+@pytest.mark.parametrize(("remat", "attn_impl"), [("none", "xla"), ("dots", "blockwise")])
 def test_outputs_jvps_and_gradients_agree(remat, attn_impl):
     case = Case(CFG, batch=2, grid=(4, 4), text_len=5)
     x = {k: jnp.asarray(v) for k, v in inputs(case).items()}
