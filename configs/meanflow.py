@@ -11,7 +11,7 @@ a float32 time embedding) or, for a float32 student, ``--config.loss.time_deriva
 finite_difference`` (NVIDIA rCM's). Measured on the toy world (README, *From stock FLUX
 weights*; the same stock teacher, 800 distillation steps each): rescaling first gave the better
 MeanFlow student at every step count (1 / 2 / 4 steps: 58.2 / 73.2 / 76.8% against 45.5 /
-63.3 / 68.2% directly, by the finite difference) for a rescale stage of 500 steps (0.99x the
+63.3 / 68.2% directly, by the finite difference) for a rescale stage of 500 steps (0.988x the
 stock teacher's accuracy). Rescale first when the stage is affordable; distil directly when it
 is not.
 

@@ -11,7 +11,7 @@ a float32 time embedding) or, for a float32 student, ``--config.loss.time_deriva
 finite_difference`` (NVIDIA rCM's). Measured on the toy world (README, *From stock FLUX
 weights*; the same stock teacher, 800 distillation steps each): rescaling first gave the better
 sCM student at every step count (1 / 2 / 4 steps: 61.7 / 69.9 / 75.4% against 54.9 / 63.7 /
-68.8% directly, by the finite difference) for a rescale stage of 500 steps (0.99x the stock
+68.8% directly, by the finite difference) for a rescale stage of 500 steps (0.988x the stock
 teacher's accuracy) that nearly doubled the wall time. Rescale first when the stage is
 affordable; distil directly when it is not.
 
