@@ -124,6 +124,22 @@ def test_matches_diffusers(name):
     assert_close(model(**x), torch_forward(ref_model, x))
 
 
+def student_heads(cfg: FluxConfig, seed: int) -> dict[str, np.ndarray]:
+    """Random diffusers-layout weights of a T2I-Distill student's extra heads (the Δ-time
+    embedder and the log-variance head), in the paper's code's names."""
+    rng = np.random.default_rng(seed)
+    d, e = cfg.hidden, cfg.time_embed_dim
+    shapes = {
+        "timestep_embedder2.linear_1.weight": (d, e),
+        "timestep_embedder2.linear_1.bias": (d,),
+        "timestep_embedder2.linear_2.weight": (d, d),
+        "timestep_embedder2.linear_2.bias": (d,),
+        "logvar_linear.weight": (1, d),
+        "logvar_linear.bias": (1,),
+    }
+    return {k: rng.standard_normal(shape).astype(np.float32) for k, shape in shapes.items()}
+
+
 def sharded_forward(model: Flux, x: dict, mesh) -> jax.Array:
     """``model(**x)`` jitted on ``mesh``, the batch split over ``("data", "fsdp")``."""
     graphdef, state = nnx.split(model)
@@ -229,17 +245,7 @@ def test_diffusers_round_trip_is_bit_exact(heads):
     sd = state_dict(torch_flux(cfg))
     if heads:  # a T2I-Distill student: both extra heads, in the paper's names
         cfg = cfg.replace(delta_embed=True, logvar_head=True)
-        rng = np.random.default_rng(3)
-        d = cfg.hidden
-        for k, shape in {
-            "timestep_embedder2.linear_1.weight": (d, 256),
-            "timestep_embedder2.linear_1.bias": (d,),
-            "timestep_embedder2.linear_2.weight": (d, d),
-            "timestep_embedder2.linear_2.bias": (d,),
-            "logvar_linear.weight": (1, d),
-            "logvar_linear.bias": (1,),
-        }.items():
-            sd[k] = rng.standard_normal(shape).astype(np.float32)
+        sd |= student_heads(cfg, seed=3)
     back = flux_to_diffusers(flux_from_diffusers(sd, cfg))
     assert sorted(back) == sorted(sd)
     for k in sd:

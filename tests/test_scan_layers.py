@@ -26,6 +26,7 @@ from test_flux import (
     inputs,
     sharded_forward,
     state_dict,
+    student_heads,
     torch_flux,
     torch_forward,
 )
@@ -236,17 +237,7 @@ def test_diffusers_and_bfl_convert_into_the_stacked_layout_and_back_bit_for_bit(
     ref = torch_flux(cfg.replace(delta_embed=False, logvar_head=False))
     sd = state_dict(ref)
     if heads:  # the students' extra heads, named as the paper's code names them
-        rng = np.random.default_rng(0)
-        d, e = cfg.hidden, cfg.time_embed_dim
-        for name, shape in {
-            "timestep_embedder2.linear_1.weight": (d, e),
-            "timestep_embedder2.linear_1.bias": (d,),
-            "timestep_embedder2.linear_2.weight": (d, d),
-            "timestep_embedder2.linear_2.bias": (d,),
-            "logvar_linear.weight": (1, d),
-            "logvar_linear.bias": (1,),
-        }.items():
-            sd[name] = rng.standard_normal(shape).astype(np.float32)
+        sd |= student_heads(cfg, seed=0)
     loop = flux_from_diffusers(sd, cfg.replace(scan_layers=False))
     scan = flux_from_diffusers(sd, cfg.replace(scan_layers=True))
     # Straight into the stacked layout: the per-block model's parameters, stacked.

@@ -188,14 +188,10 @@ class Autoencoder:
         """The first ``channels`` principal components of the ``patch x patch`` patches of
         uint8 ``images [N, H, W, 3]``, scaled so the latents have unit variance overall."""
         x = _fold(_to_unit(images), patch)  # [N, h, w, D]
-        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        x = x.reshape(-1, x.shape[-1])
         if not 0 < channels <= x.shape[-1]:
             raise ValueError(f"channels={channels} must be in [1, {x.shape[-1]}]")
-        mean = x.mean(0)
-        _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
-        basis = vt[:channels] * np.sign(vt[:channels].sum(1, keepdims=True) + 1e-12)
-        scale = 1.0 / float(np.sqrt((sv[:channels] ** 2).sum() / (len(x) * channels)))
-        return cls(mean.astype(np.float32), basis.astype(np.float32), scale, patch)
+        return cls(*_principal_components(x, channels), patch)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[B, H, W, 3]`` -> latents ``[B, C, H/p, W/p]`` float32."""
@@ -284,23 +280,12 @@ class MaskColourAutoencoder:
         each part scaled to unit variance."""
         background = np.asarray(shapes.BACKGROUND, np.float32) / 127.5 - 1.0
         m, c = cls.split(images, patch, background)
-        m = m.reshape(-1, patch * patch).astype(np.float64)
-        k = channels - 3
-        if not 0 < k <= m.shape[-1]:
+        m = m.reshape(-1, patch * patch)
+        if not 0 < channels - 3 <= m.shape[-1]:
             raise ValueError(f"channels={channels} must be in [4, {m.shape[-1] + 3}]")
-        mean = m.mean(0)
-        _, sv, vt = np.linalg.svd(m - mean, full_matrices=False)
-        basis = vt[:k] * np.sign(vt[:k].sum(1, keepdims=True) + 1e-12)
-        mask_scale = 1.0 / float(np.sqrt((sv[:k] ** 2).sum() / (len(m) * k)))
+        mean, basis, mask_scale = _principal_components(m, channels - 3)
         colour_scale = 1.0 / float(np.sqrt(np.mean(c.astype(np.float64) ** 2)))
-        return cls(
-            mean.astype(np.float32),
-            basis.astype(np.float32),
-            mask_scale,
-            colour_scale,
-            background,
-            patch,
-        )
+        return cls(mean, basis, mask_scale, colour_scale, background, patch)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[B, H, W, 3]`` -> latents ``[B, K + 3, H/p, W/p]`` float32."""
@@ -362,6 +347,18 @@ def autoencoder_from_json(d: dict) -> Autoencoder | MaskColourAutoencoder:
 def _fold_pixels(x: np.ndarray, patch: int) -> np.ndarray:
     """``[B, H, W, 3]`` -> ``[B, H/p, W/p, p^2, 3]`` (pixels ``(dy, dx)``)."""
     return einops.rearrange(x, "b (h dy) (w dx) c -> b h w (dy dx) c", dy=patch, dx=patch)
+
+
+def _principal_components(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(mean [D], basis [k, D], scale)`` of rows ``x [N, D]`` (float64 SVD): the first ``k``
+    principal directions, each signed so its entries sum to >= 0, and the scale that gives the
+    projections unit variance overall."""
+    x = x.astype(np.float64)
+    mean = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+    basis = vt[:k] * np.sign(vt[:k].sum(1, keepdims=True) + 1e-12)
+    scale = 1.0 / float(np.sqrt((sv[:k] ** 2).sum() / (len(x) * k)))
+    return mean.astype(np.float32), basis.astype(np.float32), scale
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
