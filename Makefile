@@ -40,8 +40,11 @@ endif
 demo: venv
 	$(VENV)/bin/distill-jax demo --workdir workdir/demo
 
+# Two workers, a test file each (module fixtures are built once): the suite is mostly XLA
+# compiles, which leave the second core idle in one process. WORKERS=1 runs it in one process.
+WORKERS ?= 2
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile) tests
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

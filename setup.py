@@ -39,7 +39,8 @@ TORCH = [
     "torch==2.13.0",
     "diffusers==0.42.1",
 ]
-TEST = [*TORCH, "pytest", "ruff"]
+# pytest-xdist: `make test` runs the suite in two workers, one test file each.
+TEST = [*TORCH, "pytest", "pytest-xdist==3.8.0", "ruff"]
 
 # `pip install -e ".[tpu]"` / `".[cuda]"` on accelerator hosts: jax's own extras at the pinned jax.
 # tpu pulls libtpu from PyPI (Cloud TPU VMs); cuda12 pulls jax-cuda12-plugin with the NVIDIA CUDA 12

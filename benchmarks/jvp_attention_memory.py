@@ -9,18 +9,27 @@ allocated; figures are XLA's ``memory_analysis().temp_size_in_bytes`` for the co
 (CPU by default, no accelerator needed; GPU and TPU compilers fuse differently, so their figures
 differ). ``attention_only_jvp_temp_gb`` is the same for the JVP of the attention call alone. For
 scale, one [1, 24, 4608, 4608] score matrix is 1.02 GB in bfloat16 and 2.04 GB in float32.
+
+``"none"`` is the block with its attention replaced by ``v`` (no attention at all): the floor
+that no attention kernel can go below, the memory of the rest of the block. On CPU it is large in
+bfloat16, because XLA's CPU compiler computes bfloat16 dots in float32 on float32 copies of the
+weights (compare ``forward_temp_gb`` with ``--dtype float32``); accelerators do not.
+``attention_added_fraction_of_plain`` is what each attention adds to that floor, over plain's
+total: the tangent pass's attention memory (issue 17: <= 10%).
 ``timing`` gives median wall seconds of the jitted JVP and gradient of attention alone, float32,
 at a size the running machine can execute (``--time-shape``).
 
-    .venv/bin/python benchmarks/jvp_attention_memory.py [--tokens 4096 512]
+    .venv/bin/python benchmarks/jvp_attention_memory.py [--tokens 4096 512] [--dtype float32]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +43,7 @@ from distill_jax.models.flux import DoubleBlock, FluxConfig  # noqa: E402
 GB = 1e9
 TIME_SHAPE = (2, 1152, 8, 64)  # the attention of benchmarks/remat.py's mid-size FLUX
 IMPLS = {
+    "none": "none",  # no attention: the block's other memory
     "plain": "plain",
     "xla": "xla",
     "blockwise": "blockwise",  # Blockwise(512, 512)
@@ -43,11 +53,20 @@ IMPLS = {
 }
 
 
-def jvp_memory(impl, cfg: FluxConfig, n_img: int, n_txt: int, batch: int) -> dict[str, float]:
+def jvp_memory(
+    impl, cfg: FluxConfig, n_img: int, n_txt: int, batch: int, dtype=jnp.bfloat16
+) -> dict[str, float]:
     """Compiled temp / argument / output bytes (GB) of the block's forward and its JVP."""
-    bf16 = jnp.bfloat16
+    bf16 = dtype
+    no_attention = impl == "none"
     block = nnx.eval_shape(
-        lambda: DoubleBlock(cfg, rngs=nnx.Rngs(0), dtype=bf16, param_dtype=bf16, attn_impl=impl)
+        lambda: DoubleBlock(
+            cfg,
+            rngs=nnx.Rngs(0),
+            dtype=bf16,
+            param_dtype=bf16,
+            attn_impl="plain" if no_attention else impl,
+        )
     )
     graphdef, state = nnx.split(block)
     d, t = cfg.hidden, n_img + n_txt
@@ -71,7 +90,12 @@ def jvp_memory(impl, cfg: FluxConfig, n_img: int, n_txt: int, batch: int) -> dic
         ("jvp", tangent, (state, img, txt, vec, rope, rope, img, txt, vec)),
     ):
         start = time.perf_counter()
-        mem = jax.jit(fn).lower(*args).compile().memory_analysis()
+        with (
+            mock.patch("distill_jax.models.flux.attention", lambda q, k, v, impl: v)
+            if no_attention
+            else contextlib.nullcontext()
+        ):
+            mem = jax.jit(fn).lower(*args).compile().memory_analysis()
         out[f"{name}_temp_gb"] = round(mem.temp_size_in_bytes / GB, 3)
         out[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
         if name == "jvp":
@@ -80,9 +104,11 @@ def jvp_memory(impl, cfg: FluxConfig, n_img: int, n_txt: int, batch: int) -> dic
     return out
 
 
-def attention_jvp_memory(impl, cfg: FluxConfig, t: int, batch: int) -> float:
-    """Compiled temp bytes (GB) of the JVP of the attention call alone, ``[B, T, H, K]`` bf16."""
-    x = jax.ShapeDtypeStruct((batch, t, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+def attention_jvp_memory(impl, cfg: FluxConfig, t: int, batch: int, dtype=jnp.bfloat16) -> float:
+    """Compiled temp bytes (GB) of the JVP of the attention call alone, ``[B, T, H, K]``."""
+    if impl == "none":
+        return 0.0
+    x = jax.ShapeDtypeStruct((batch, t, cfg.num_heads, cfg.head_dim), dtype)
 
     def tangent(q, k, v):
         return jax.jvp(lambda *a: attention(*a, impl=impl), (q, k, v), (q, k, v))
@@ -117,6 +143,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs=2, default=(4096, 512), metavar=("L", "S"))
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument(
         "--time-shape", type=int, nargs=4, default=TIME_SHAPE, metavar=("B", "T", "H", "K")
@@ -125,12 +152,13 @@ def main():
     args = parser.parse_args()
     cfg = FluxConfig.flux1_dev()
     n_img, n_txt = args.tokens
+    dtype = jnp.dtype(args.dtype)
 
     results = {}
     for name in tqdm(args.impls, desc="compile", unit="impl"):
-        results[name] = jvp_memory(IMPLS[name], cfg, n_img, n_txt, args.batch)
+        results[name] = jvp_memory(IMPLS[name], cfg, n_img, n_txt, args.batch, dtype)
         results[name]["attention_only_jvp_temp_gb"] = attention_jvp_memory(
-            IMPLS[name], cfg, n_img + n_txt, args.batch
+            IMPLS[name], cfg, n_img + n_txt, args.batch, dtype
         )
         tqdm.write(f"{name}: {results[name]}")
     summary = {
@@ -138,7 +166,7 @@ def main():
         "backend": jax.default_backend(),
         "config": (
             f"FLUX.1-dev double block, D={cfg.hidden} ({cfg.num_heads}x{cfg.head_dim}), "
-            f"T={n_img + n_txt} ({n_img} image + {n_txt} text), batch {args.batch}, bfloat16"
+            f"T={n_img + n_txt} ({n_img} image + {n_txt} text), batch {args.batch}, {args.dtype}"
         ),
         "results": results,
     }
@@ -147,12 +175,23 @@ def main():
     summary["timing"] = {
         name: attention_times(IMPLS[name], shape, args.repeats)
         for name in tqdm(args.impls, desc="time", unit="impl")
+        if name != "none"
     }
     if "plain" in results:
         plain = results["plain"]["jvp_temp_gb"]
         summary["jvp_temp_fraction_of_plain"] = {
             name: round(r["jvp_temp_gb"] / plain, 3) for name, r in results.items()
         }
+        plain_alone = results["plain"]["attention_only_jvp_temp_gb"]
+        summary["attention_only_fraction_of_plain"] = {
+            name: round(r["attention_only_jvp_temp_gb"] / plain_alone, 3)
+            for name, r in results.items()
+        }
+        if "none" in results:
+            floor = results["none"]["jvp_temp_gb"]
+            summary["attention_added_fraction_of_plain"] = {
+                name: round((r["jvp_temp_gb"] - floor) / plain, 3) for name, r in results.items()
+            }
     print(json.dumps(summary))
 
 

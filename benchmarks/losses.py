@@ -4,8 +4,9 @@ Mid-size MMDiT (the config of benchmarks/flux_forward.py): width 512 (8 heads x 
 4 single blocks, 1024 image + 128 text tokens (a 64 x 64 x 16 latent), batch 2. Each step is
 ``jax.jit(jax.value_and_grad(loss_fn))`` of the trainer's own ``distill_jax.methods.make_loss_fn``
 (TrigFlow wrapper and logvar head for sCM; label dropout, CFG-MeanFlow and the Δ embedder for
-MeanFlow), default (fixed) switches, XLA attention in the forward and gradient passes and the
-trainer's tangent-pass attention (``--jvp-attn-impl``, default blockwise). Prints the median
+MeanFlow), default (fixed) switches, the trainer's attention in the forward and gradient passes
+(``--attn-impl``, default auto: blockwise on CPU) and in the tangent pass (``--jvp-attn-impl``,
+default blockwise; the same: one student forward per step). Prints the median
 seconds per step over ``--repeats`` and the ratios to flow matching as a final JSON line.
 Target: each ratio <= 2.5.
 
@@ -13,7 +14,8 @@ The JSON also gives each method's FLOPs per step from XLA's cost analysis (:func
 and their ratios to flow matching, which depend on the program, not on the machine (issue 17:
 sCM <= 2.2, ideally about 2.0).
 
-    .venv/bin/python benchmarks/losses.py [--repeats 3] [--jvp-attn-impl blockwise|xla]
+    .venv/bin/python benchmarks/losses.py [--repeats 3] [--attn-impl auto|xla]
+        [--jvp-attn-impl blockwise|xla]
 
 The other distillation benchmarks (train_step.py, scm_vs_torch.py) import the setup below.
 """
@@ -37,6 +39,7 @@ from flax import nnx  # noqa: E402
 
 from distill_jax.config import base_config  # noqa: E402
 from distill_jax.methods import make_loss_fn, model_configs  # noqa: E402
+from distill_jax.models.attention import auto_impl  # noqa: E402
 from distill_jax.models.flux import Flux, FluxConfig  # noqa: E402
 from distill_jax.port.flux import abstract_flux  # noqa: E402
 from distill_jax.train import unrolled_flops  # noqa: E402
@@ -49,10 +52,14 @@ METHODS = ("flow_matching", "scm", "meanflow")
 
 
 def mid_config(
-    method: str, remat: str = "none", jvp_attn_impl: str | None = None
+    method: str,
+    remat: str = "none",
+    jvp_attn_impl: str | None = None,
+    attn_impl: str | None = None,
 ) -> ml_collections.ConfigDict:
-    """The trainer's config for ``method`` on the mid-size model, float32; ``jvp_attn_impl``
-    overrides the tangent pass's attention (default: the trainer's, ``"blockwise"``)."""
+    """The trainer's config for ``method`` on the mid-size model, float32; ``attn_impl`` and
+    ``jvp_attn_impl`` override the attention of the forward and backward passes and of the
+    tangent pass (default: the trainer's, ``"auto"`` and ``"blockwise"``)."""
     c = base_config()
     c.method = method
     c.model.preset = "mid"
@@ -61,6 +68,8 @@ def mid_config(
     c.model.remat = remat
     if jvp_attn_impl is not None:
         c.model.jvp_attn_impl = jvp_attn_impl
+    if attn_impl is not None:
+        c.model.attn_impl = attn_impl
     c.data.batch_size = BATCH
     c.data.latent_grid, c.data.latent_channels, c.data.text_len = LATENT, CHANNELS, TEXT
     return c
@@ -121,10 +130,10 @@ def batch_and_aux(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.nd
 
 
 def loss_and_grad_seconds(
-    method: str, repeats: int, jvp_attn_impl: str | None = None
+    method: str, repeats: int, jvp_attn_impl: str | None = None, attn_impl: str | None = None
 ) -> tuple[float, float]:
     """(median seconds, compile seconds) of the jitted loss and gradient of ``method``."""
-    config = mid_config(method, jvp_attn_impl=jvp_attn_impl)
+    config = mid_config(method, jvp_attn_impl=jvp_attn_impl, attn_impl=attn_impl)
     m = models(config)
     batch, aux = jax.device_put(batch_and_aux())
     key = jax.random.key(0)
@@ -138,28 +147,35 @@ def loss_and_grad_seconds(
     ), compile_s
 
 
-# XLA's cost analysis counts a loop's body once: the blockwise sweep would count as one tile.
-LOOP_FREE = ("xla", "plain")
-
-
-def step_flops(method: str, jvp_attn_impl: str | None = None) -> tuple[float, str]:
-    """``(FLOPs, tangent attention counted)`` of the trainer's step of ``method`` (loss,
+def step_flops(
+    method: str, jvp_attn_impl: str | None = None, attn_impl: str | None = None
+) -> tuple[float, dict]:
+    """``(FLOPs, how attention was counted)`` of the trainer's step of ``method`` (loss,
     gradient, clip, AdamW) on the mid-size model, from XLA's cost analysis of the lowered step
     (:func:`distill_jax.train.unrolled_flops`; within 0.6% of the compiled program's count here).
-    A tangent attention with loops (blockwise) is counted as ``"plain"``: the same matmuls,
-    without the blockwise tiles' padding of T up to a multiple of the tile."""
-    counted = jvp_attn_impl or base_config().model.jvp_attn_impl
-    counted = counted if counted in LOOP_FREE else "plain"
-    config = mid_config(method, jvp_attn_impl=counted)
-    return unrolled_flops(config, MID, *batch_and_aux()), counted
+    Attention with loops (blockwise) is counted as loop-free attention, the same matmuls without
+    the tiles' padding: ``"plain"`` in both passes when they share one attention (the student
+    runs forward once), else ``"plain"`` and ``"xla"`` (two passes, as the program runs)."""
+    model = base_config().model
+    attn, jvp = attn_impl or model.attn_impl, jvp_attn_impl or model.jvp_attn_impl
+
+    def resolved(impl):
+        return auto_impl(jax.default_backend(), np.float32) if impl == "auto" else impl
+
+    one_pass = resolved(attn) == resolved(jvp)
+    counted = {"attn_impl": "plain", "jvp_attn_impl": "plain" if one_pass else "xla"}
+    config = mid_config(method, **counted)
+    return unrolled_flops(config, MID, *batch_and_aux()), {**counted, "one_pass": one_pass}
 
 
-def flops_fields(methods: tuple[str, ...], jvp_attn_impl: str | None) -> dict:
+def flops_fields(
+    methods: tuple[str, ...], jvp_attn_impl: str | None, attn_impl: str | None = None
+) -> dict:
     """The benchmarks' JSON fields for the FLOPs per step of ``methods`` (flow matching first)
     and each method's ratio to flow matching."""
     flops, counted = {}, None
     for method in methods:
-        flops[method], counted = step_flops(method, jvp_attn_impl)
+        flops[method], counted = step_flops(method, jvp_attn_impl, attn_impl)
     fm = flops["flow_matching"]
     return {
         "flops_per_step": {m: float(f"{f:.4g}") for m, f in flops.items()},
@@ -169,14 +185,21 @@ def flops_fields(methods: tuple[str, ...], jvp_attn_impl: str | None) -> dict:
             if m != "flow_matching"
         },
         "flops_scm_target": 2.2,  # issue 17; about 2.0 ideally
-        "flops_tangent_attention_counted_as": counted,
+        "flops_attention_counted_as": counted,
     }
 
 
-def add_jvp_attn_flag(parser: argparse.ArgumentParser) -> None:
+def add_attn_flags(parser: argparse.ArgumentParser) -> None:
+    """``--attn-impl`` and ``--jvp-attn-impl``, the trainer's ``config.model`` settings."""
+    model = base_config().model
+    parser.add_argument(
+        "--attn-impl",
+        default=model.attn_impl,
+        help="attention of the forward and backward passes (default: the trainer's)",
+    )
     parser.add_argument(
         "--jvp-attn-impl",
-        default=base_config().model.jvp_attn_impl,
+        default=model.jvp_attn_impl,
         help="attention of the student's tangent (JVP) pass (default: the trainer's)",
     )
 
@@ -184,12 +207,12 @@ def add_jvp_attn_flag(parser: argparse.ArgumentParser) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    add_jvp_attn_flag(parser)
+    add_attn_flags(parser)
     args = parser.parse_args()
     seconds, compile_s = {}, {}
     for method in METHODS:
         seconds[method], compile_s[method] = loss_and_grad_seconds(
-            method, args.repeats, args.jvp_attn_impl
+            method, args.repeats, args.jvp_attn_impl, args.attn_impl
         )
     fm = seconds["flow_matching"]
     print(
@@ -203,7 +226,8 @@ def main():
                 "scm_over_flow_matching": round(seconds["scm"] / fm, 3),
                 "meanflow_over_flow_matching": round(seconds["meanflow"] / fm, 3),
                 "target": 2.5,
-                **flops_fields(METHODS, args.jvp_attn_impl),
+                **flops_fields(METHODS, args.jvp_attn_impl, args.attn_impl),
+                "attn_impl": args.attn_impl,
                 "jvp_attn_impl": args.jvp_attn_impl,
                 "repeats": args.repeats,
             }

@@ -2,7 +2,8 @@
 
 The MeanFlow run of benchmarks/scm_vs_torch.py (its docstring describes both sides):
 
-    .venv/bin/python benchmarks/meanflow_vs_torch.py [--repeats 3] [--jvp-attn-impl blockwise|xla]
+    .venv/bin/python benchmarks/meanflow_vs_torch.py [--repeats 3] [--attn-impl auto|xla]
+        [--jvp-attn-impl blockwise|xla]
 """
 
 from scm_vs_torch import main  # noqa: E402

@@ -8,7 +8,8 @@ second (image + text tokens of the batch, ``TOKENS`` per step), what autodiff ke
 backward (``residuals_mb``, the quantity remat controls; as in benchmarks/remat.py) and XLA's
 temporary memory of the step, as a final JSON line.
 
-    .venv/bin/python benchmarks/train_step.py [--repeats 2] [--jvp-attn-impl blockwise|xla]
+    .venv/bin/python benchmarks/train_step.py [--repeats 2] [--attn-impl auto|xla]
+        [--jvp-attn-impl blockwise|xla]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common import median_seconds  # noqa: E402
 from losses import (  # noqa: E402
     DESCRIPTION,
     TOKENS,
-    add_jvp_attn_flag,
+    add_attn_flags,
     batch_and_aux,
     mid_config,
     models,
@@ -40,13 +41,17 @@ class CompiledStep:
     compile_s: float
     temp_bytes: int  # XLA's temporary memory of the step (scheduler-dependent on CPU)
     residual_bytes: int  # what autodiff keeps for the backward (parameters included)
+    hlo_text: str  # the compiled program (benchmarks/profile_step.py reads its op names)
 
 
 def compiled_step(
-    method: str, remat: str = "none", jvp_attn_impl: str | None = None
+    method: str,
+    remat: str = "none",
+    jvp_attn_impl: str | None = None,
+    attn_impl: str | None = None,
 ) -> CompiledStep:
     """The trainer's jitted step of ``method`` on the mid-size model, ready to run."""
-    config = mid_config(method, remat, jvp_attn_impl)
+    config = mid_config(method, remat, jvp_attn_impl, attn_impl)
     m = models(config)
     teacher_params = m.teacher_params
     tx, schedule = make_optimizer(config.optim, config.total_steps)
@@ -79,18 +84,19 @@ def compiled_step(
         compile_s,
         getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0),
         sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(residuals)),
+        compiled.as_text(),
     )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    add_jvp_attn_flag(parser)
+    add_attn_flags(parser)
     args = parser.parse_args()
     results = {}
     for method in ("scm", "meanflow"):
         for remat in ("none", "full"):
-            step = compiled_step(method, remat, args.jvp_attn_impl)
+            step = compiled_step(method, remat, args.jvp_attn_impl, args.attn_impl)
             seconds = median_seconds(step.run, args.repeats, f"{method} remat={remat}")
             results[f"{method}/remat_{remat}"] = {
                 "median_s": round(seconds, 3),
@@ -107,6 +113,7 @@ def main():
                 "device": jax.devices()[0].device_kind,
                 "config": DESCRIPTION,
                 "tokens_per_step": TOKENS,
+                "attn_impl": args.attn_impl,
                 "jvp_attn_impl": args.jvp_attn_impl,
                 "repeats": args.repeats,
                 **results,

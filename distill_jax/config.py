@@ -50,7 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     # layout (FluxConfig.scan_layers: stacked for the full-size presets). A teacher in the
     # other layout is restacked when it loads.
     c.model.scan_layers = config_dict.placeholder(bool)
-    c.model.attn_impl = "xla"  # attention for forward/backward passes
+    # Attention of the forward and backward passes; "auto": cuDNN on GPU, splash on TPU,
+    # blockwise on CPU (distill_jax.models.attention.auto_impl). When it equals jvp_attn_impl
+    # (blockwise on CPU, or "hijax") the student runs forward once per sCM / MeanFlow step.
+    c.model.attn_impl = "auto"
     # Attention of the tangent (JVP) pass: "blockwise" never materialises the T x T matrix.
     c.model.jvp_attn_impl = "blockwise"
     # "auto" (AUTO_SETTINGS): the paper's value with config.loss.paper_slips, else the first.

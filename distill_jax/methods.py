@@ -28,6 +28,7 @@ from flax import nnx
 from distill_jax import distributed, losses
 from distill_jax.config import AUTO_SETTINGS
 from distill_jax.losses.finite_difference import check_time_derivative
+from distill_jax.models.attention import auto_impl
 from distill_jax.models.flux import FluxConfig
 from distill_jax.parameterization import trigflow_velocity
 from distill_jax.pipeline.latents import image_ids, pack
@@ -74,9 +75,14 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` with its ``"auto"`` settings (:data:`~distill_jax.config.AUTO_SETTINGS`) at
     their effective values: the paper's (:func:`slips`) when ``config.loss.paper_slips`` is set,
     else the fixed default. A value set in a config file or on the command line is kept, so it
-    wins over the switch. Returns a copy (``config`` itself when nothing is ``"auto"``)."""
+    wins over the switch. ``model.attn_impl="auto"`` becomes the default backend's attention
+    (:func:`~distill_jax.models.attention.auto_impl`), except on GPU, where the choice also
+    depends on the head dimension: the model resolves it when it is built. Returns a copy
+    (``config`` itself when nothing is ``"auto"``)."""
     auto = [path for path in AUTO_SETTINGS if config[path] == "auto"]
-    if not auto:
+    backend = jax.default_backend()
+    attention = config.model.attn_impl == "auto" and backend not in ("gpu", "cuda")
+    if not auto and not attention:
         return config
     paper = slips(config)
     out = config.copy_and_resolve_references()
@@ -84,6 +90,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         group, name = path.split(".")
         value = paper[group].get(name, AUTO_SETTINGS[path][0])
         out[group][name] = jnp.dtype(value).name if name == "time_dtype" else value
+    if attention:  # the head dimension matters only for GPU's cuDNN kernel
+        out.model.attn_impl = auto_impl(backend, jnp.dtype(config.model.dtype))
     return out
 
 
@@ -292,9 +300,9 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
     config = resolve(config)
     adapter = METHODS[config.method].loss
     guidance_values = jnp.asarray(config.loss.guidance_values, jnp.float32)
-    # A separate tangent pass only when it uses another attention than the gradient pass;
-    # otherwise the losses take the student's forward from the JVP's primal (one pass, not two).
-    separate_tangent = config.model.jvp_attn_impl != config.model.attn_impl
+    # A separate tangent pass only when it has another structure (attention) than the gradient
+    # pass; otherwise the losses take the student's forward from the JVP's primal (one pass).
+    separate_tangent = jvp_gd != student_gd
 
     def loss_fn(params, teacher_params, batch, aux, key, step):
         k_g, k_loss = jax.random.split(key)
@@ -304,9 +312,13 @@ def make_loss_fn(config, student_gd, jvp_gd, teacher_gd) -> Callable:
         txt_ids = np.zeros((batch["t5"].shape[1], 3), np.float32)
 
         def call(gd, params, x, t, cond, **kw):
-            model = nnx.merge(gd, params)
-            g = cond["g"] if model.guidance_in is not None else None
-            return model(x, cond["t5"], cond["pooled"], t, img_ids, txt_ids, g, **kw)
+            # The scope names each network's ops in HLO metadata and in profiles.
+            role = "teacher" if gd is teacher_gd else "student"
+            role = "tangent" if separate_tangent and gd is jvp_gd else role
+            with jax.named_scope(role):
+                model = nnx.merge(gd, params)
+                g = cond["g"] if model.guidance_in is not None else None
+                return model(x, cond["t5"], cond["pooled"], t, img_ids, txt_ids, g, **kw)
 
         g = jax.random.choice(k_g, guidance_values, (x0.shape[0],))
         cond = {"t5": batch["t5"], "pooled": batch["pooled"], "g": g}

@@ -55,6 +55,7 @@ from distill_jax.methods import (
     time_dtype,
 )
 from distill_jax.metrics import MetricWriter, peak_tflops
+from distill_jax.models.attention import auto_impl
 from distill_jax.models.flux import Flux, FluxConfig, relayout, reset_delta_embedder
 from distill_jax.sharding import (
     DEFAULT_RULES,
@@ -153,8 +154,9 @@ def make_step(config, loss_fn, tx, schedule) -> Callable:
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
             loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
 
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
         # A finite gradient can still give a non-finite update (a NaN learning rate, say).
         finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -485,6 +487,10 @@ def train(
 
     teacher_cfg, teacher_params = load_teacher(config, mesh, rules, teacher)
     setup = make_setup(config, mesh, rules, teacher_cfg, teacher_params)
+    attn = config.model.attn_impl  # "auto" only on GPU here (resolve): cuDNN needs head_dim
+    if attn == "auto":
+        attn = auto_impl(jax.default_backend(), _dtype(config.model.dtype), teacher_cfg.head_dim)
+    log.info("attention: %s forward and backward, %s tangent", attn, config.model.jvp_attn_impl)
     teacher_params, state_sh, init_fn, root = (
         setup.teacher_params,
         setup.state_sh,

@@ -16,7 +16,7 @@ from flax import nnx
 
 from distill_jax.config import base_config
 from distill_jax.methods import make_loss_fn, model_configs
-from distill_jax.models.attention import Blockwise, Hijax, attention
+from distill_jax.models.attention import Blockwise, Hijax, PallasTangent, attention
 from distill_jax.models.flux import Flux, FluxConfig
 from distill_jax.train import _graphdef
 
@@ -103,6 +103,22 @@ def test_a_fused_kernel_without_jvp_serves_every_pass():
         jax.jvp(lambda *x: attention(*x, impl="splash"), (q, k, v), (dq, dk, dv))
     for wrap in ("plain", "checkpoint"):
         got = every_pass(Hijax("splash", Blockwise(16, 8)), wrap, (q, k, v), (dq, dk, dv), do)
+        want = every_pass("xla", wrap, (q, k, v), (dq, dk, dv), do)
+        assert_close(got[:4], want[:4], wrap)
+
+
+def test_a_pallas_tangent_serves_every_pass():
+    """With :class:`PallasTangent` the op's tangent is the Pallas kernel's (interpreted on CPU);
+    the other rules are unchanged: every pass matches XLA's, plain and under checkpoint (the
+    tangent's own derivative, second order, runs the sweep)."""
+    q, k, v, dq, dk, dv, do = arrays(7)
+    for tangent, kernel in ((PallasTangent(16, 8), True), (Blockwise(16, 8), False)):
+        op = Hijax("xla", tangent)
+        jvp = jax.jit(lambda *x, op=op: jax.jvp(lambda *y: attention(*y, impl=op), x[:3], x[3:]))
+        text = jvp.lower(q, k, v, dq, dk, dv).as_text(debug_info=True)
+        assert ("attention_forward_and_tangent" in text) == kernel  # the kernel's name
+    for wrap in ("plain", "checkpoint"):
+        got = every_pass(Hijax("xla", PallasTangent(16, 8)), wrap, (q, k, v), (dq, dk, dv), do)
         want = every_pass("xla", wrap, (q, k, v), (dq, dk, dv), do)
         assert_close(got[:4], want[:4], wrap)
 

@@ -14,7 +14,7 @@ impl               jax.jvp   grad  what it is; most of the T x T scores held at 
                                    (grad: one [B, H, Q, T] row block of probabilities)
 "cudnn"            no        yes   cuDNN's fused kernel (GPU, half precision); none
 "splash"           no        yes   Pallas splash kernel (TPU); none
-"auto"             if xla    yes   cudnn on GPU, splash on TPU, else xla
+"auto"             CPU       yes   cudnn on GPU, splash on TPU, blockwise on CPU
 "hijax"            yes       yes   one op: forward and backward by "auto", the tangent
                                    by "blockwise"; as "auto", tangent: [B, H, Q, S] tiles
 =================  ========  ====  ==================================================
@@ -30,6 +30,9 @@ the fused kernel's backward, also for a reverse pass over a JVP's primal (sCM's 
 and through ``jax.checkpoint`` and ``jax.lax.scan``; benchmarks/hijax_attention.py shows which
 rule each transformation runs. With ``model.attn_impl = model.jvp_attn_impl = "hijax"`` the
 losses take the student's forward from the JVP's primal: one graphdef, one student forward.
+Its tangent is the ``lax.scan`` sweep, or with ``Hijax(tangent=PallasTangent(...))`` one Pallas
+kernel that computes the output and its tangent tile by tile
+(:mod:`distill_jax.models.attention_pallas`; the Pallas interpreter off GPU and TPU).
 The API is experimental in jax; the op has no ``jax.vmap`` rule.
 """
 
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import hijax
 
+from distill_jax.models.attention_pallas import pallas_forward_and_tangent
 from distill_jax.sharding import activation_spec
 
 IMPLEMENTATIONS = ("xla", "plain", "blockwise", "cudnn", "splash", "auto", "hijax")
@@ -93,7 +97,9 @@ class Blockwise:
 
     Each step holds a few ``[B, H, block_q, block_kv]`` float32 tiles; ``block_q >= T`` processes
     every query at once (fewer, larger steps, which suit GPUs better; memory ``O(T block_kv)``).
-    Neither needs to divide T: the last block is padded and its padded keys masked.
+    The sizes are upper bounds: T is cut into as many blocks as the size asks for, of equal size
+    rounded up to a multiple of 8 (T = 1152 at 512 runs three blocks of 384, not 1536 padded
+    tokens), and the last block's padded keys are masked.
     """
 
     block_q: int = DEFAULT_BLOCK
@@ -119,6 +125,11 @@ def attention(
             f"attention takes q, k, v of one shape [B, T, H, K]; got {q.shape}, {k.shape}, "
             f"{v.shape}"
         )
+    with jax.named_scope("attention"):  # names the op in HLO metadata and in profiles
+        return _dispatch(q, k, v, impl)
+
+
+def _dispatch(q, k, v, impl):
     if isinstance(impl, Blockwise):
         return blockwise_attention(q, k, v, block_q=impl.block_q, block_kv=impl.block_kv)
     if isinstance(impl, Hijax):
@@ -143,18 +154,24 @@ def attention(
     )
 
 
-def auto_impl(backend: str, dtype: jnp.dtype, head_dim: int) -> str:
+def auto_impl(backend: str, dtype: jnp.dtype, head_dim: int | None = None) -> str:
     """The fastest implementation for the forward and gradient passes on ``backend``.
 
     cuDNN's fused attention on GPU (half precision, head dim a multiple of 8 up to 128), splash
-    on TPU, XLA otherwise. None of the fused kernels has a JVP: the tangent pass uses blockwise.
+    on TPU, blockwise on CPU, XLA otherwise. None of the fused kernels has a JVP: the tangent
+    pass uses blockwise. On CPU the blockwise sweep beats XLA's attention by about 2.4x forward
+    and backward (benchmarks/jvp_attention_memory.py's timing), and with blockwise in both
+    passes the trainer runs the student forward once per sCM / MeanFlow step. ``head_dim`` is
+    needed on GPU only.
     """
     if backend in ("gpu", "cuda"):
+        if head_dim is None:
+            raise ValueError("auto_impl on GPU needs head_dim (cuDNN's kernel takes at most 128)")
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
     if backend == "tpu":
         return "splash"
-    return "xla"
+    return "blockwise" if backend == "cpu" else "xla"
 
 
 def _plain(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -196,7 +213,16 @@ def blockwise_attention(
     """
     Blockwise(block_q, block_kv)  # validates the sizes
     t = q.shape[1]
-    return _blockwise(q, k, v, min(block_q, t), min(block_kv, t))
+    return _blockwise(q, k, v, _tile(t, block_q), _tile(t, block_kv))
+
+
+def _tile(t: int, size: int) -> int:
+    """The tile :class:`Blockwise` runs for ``size`` at ``t`` tokens: ``ceil(t / size)`` equal
+    blocks, rounded up to a multiple of 8 (never above ``size``), so padding stays under 8 tokens
+    per block instead of up to a whole block."""
+    n = -(-t // size)
+    even = -(-t // n)
+    return min(size, -(-even // 8) * 8) if even > 8 else even
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -300,12 +326,20 @@ FUSED = ("xla", "plain", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
+class PallasTangent(Blockwise):
+    """The tangent of a :class:`Hijax` op by one Pallas kernel (output and tangent together,
+    :func:`distill_jax.models.attention_pallas.pallas_forward_and_tangent`) with these tiles,
+    instead of the ``lax.scan`` sweep; in the Pallas interpreter off GPU and TPU (tests)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Hijax:
     """One attention op for the forward, backward *and* tangent passes; pass an instance as
     ``impl`` (or a model's ``attn_impl``). ``"hijax"`` means ``Hijax()``.
 
     ``fused`` (one of :data:`FUSED`; ``"auto"``: :func:`auto_impl`) computes the forward and
-    backward, ``tangent`` (a :class:`Blockwise`) the JVP's tangent, which never holds ``T x T``.
+    backward, ``tangent`` the JVP's tangent, which never holds ``T x T``: a :class:`Blockwise`
+    (the ``lax.scan`` sweep) or a :class:`PallasTangent` (one Pallas kernel).
     Under ``jax.jvp`` the forward runs twice, by ``fused`` and inside the tangent's sweep, so
     that a reverse pass over the JVP's primal (sCM's one-pass loss) runs ``fused``'s backward.
     """
@@ -317,7 +351,9 @@ class Hijax:
         if self.fused not in FUSED:
             raise ValueError(f"Hijax.fused={self.fused!r}; choose one of {FUSED}")
         if not isinstance(self.tangent, Blockwise):
-            raise ValueError(f"Hijax.tangent must be a Blockwise, got {self.tangent!r}")
+            raise ValueError(
+                f"Hijax.tangent must be a Blockwise or a PallasTangent, got {self.tangent!r}"
+            )
 
 
 def hijax_attention(q: jax.Array, k: jax.Array, v: jax.Array, op: Hijax = Hijax()) -> jax.Array:
@@ -326,8 +362,10 @@ def hijax_attention(q: jax.Array, k: jax.Array, v: jax.Array, op: Hijax = Hijax(
     fused = op.fused
     if fused == "auto":
         fused = auto_impl(jax.default_backend(), q.dtype, q.shape[-1])
-    tiles = (min(op.tangent.block_q, q.shape[1]), min(op.tangent.block_kv, q.shape[1]))
-    return _Attention((q, k, v), fused, tiles)(q, k, v)
+    t = q.shape[1]
+    tiles = (_tile(t, op.tangent.block_q), _tile(t, op.tangent.block_kv))
+    pallas = isinstance(op.tangent, PallasTangent)
+    return _Attention((q, k, v), fused, tiles, pallas)(q, k, v)
 
 
 def _accumulates(x) -> bool:
@@ -342,10 +380,10 @@ def _sweep_tangent(q, k, v, dq, dk, dv, tiles):
 class _Op(hijax.VJPHiPrimitive):
     """An attention primitive of ``args`` whose output has the type of the first (``q``)."""
 
-    def __init__(self, args, fused: str, tiles: tuple[int, int]):
+    def __init__(self, args, fused: str, tiles: tuple[int, int], pallas: bool = False):
         self.in_avals = tuple(map(jax.typeof, args))
         self.out_aval = self.in_avals[0]
-        self.params = {"fused": fused, "tiles": tiles}
+        self.params = {"fused": fused, "tiles": tiles, "pallas": pallas}
         super().__init__()
 
 
@@ -362,7 +400,8 @@ class _Attention(_Op):
 
     def jvp(self, primals, tangents):
         tangents = tuple(map(hijax.instantiate_zeros, tangents))
-        d_out = _AttentionTangent(primals + tangents, self.fused, self.tiles)(*primals, *tangents)
+        args = primals + tangents
+        d_out = _AttentionTangent(args, self.fused, self.tiles, self.pallas)(*args)
         return self(*primals), d_out
 
 
@@ -370,6 +409,9 @@ class _AttentionTangent(_Op):
     """``(q, k, v, dq, dk, dv) -> dO``, linear in the last three."""
 
     def expand(self, *args):
+        if self.pallas:
+            block_q, block_kv = self.tiles
+            return pallas_forward_and_tangent(*args, block_q=block_q, block_kv=block_kv)[1]
         return _sweep_tangent(*args, self.tiles)
 
     def transpose(self, d_out, q, k, v, *accums):

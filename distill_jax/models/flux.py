@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill_jax.models.attention import apply_rope, attention, rope_frequencies
+from distill_jax.models.attention import apply_rope, attention, auto_impl, rope_frequencies
 from distill_jax.parameterization import quantize
 from distill_jax.sharding import axes, constrain
 
@@ -288,10 +288,11 @@ def _linear(
 
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """LayerNorm without affine parameters, statistics in float32."""
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    with jax.named_scope("norm"):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -306,9 +307,10 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
-        return (xf * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
+        with jax.named_scope("norm"):
+            xf = x.astype(jnp.float32)
+            xf = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+            return (xf * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
 
 
 class MLPEmbedder(nnx.Module):
@@ -435,7 +437,8 @@ class Flux(nnx.Module):
     ``dtype`` is the compute dtype (bfloat16 for training), ``param_dtype`` the storage dtype
     (float32 master weights). ``remat`` names a per-block rematerialization policy
     (:data:`REMAT_POLICIES`); ``attn_impl`` an implementation of
-    :func:`distill_jax.models.attention.attention`. ``time_dtype`` is the precision of the time
+    :func:`distill_jax.models.attention.attention` (``"auto"`` is resolved for the default
+    backend when the model is built). ``time_dtype`` is the precision of the time
     inputs (timestep, guidance, Δ) before the sinusoid: float32 keeps them exact, bfloat16 rounds
     them as the paper's models do (``timestep.to(hidden_states.dtype)``, spec 1.2 item 1, 7.6).
 
@@ -458,6 +461,8 @@ class Flux(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if attn_impl == "auto":  # resolved now, so that equal structures have equal graphdefs
+            attn_impl = auto_impl(jax.default_backend(), dtype, cfg.head_dim)
         self.cfg, self.dtype, self.remat, self.time_dtype = cfg, dtype, remat, time_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.hidden
