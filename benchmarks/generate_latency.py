@@ -108,7 +108,7 @@ def main():
                 "benchmark": "generate_latency",
                 "device": jax.devices()[0].device_kind,
                 "config": (
-                    f"{args.preset} {args.method} student ({n_params / 1e9:.2f}B parameters), "
+                    f"{args.preset} {args.method} student ({n_params / 1e6:,.1f}M parameters), "
                     f"{args.vae} VAE, {args.size}x{args.size} px, batch {b}, {TEXT} text "
                     f"tokens, {args.dtype}"
                 ),

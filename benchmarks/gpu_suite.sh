@@ -8,7 +8,8 @@
 #   3. generate_latency.py     1-step and 4-step 512 px generation by a FLUX.1-lite-sized student
 #   4. jvp_attention_memory.py the tangent pass's attention memory at T = 4608, compiled for this
 #                              backend
-# Each benchmark's final JSON line goes into OUT/summary.jsonl, its whole output into OUT/NAME.log.
+# Each benchmark's final JSON line goes into OUT/summary.jsonl, its output into OUT/NAME.log and its
+# progress bars and warnings into OUT/NAME.err.
 #
 #   benchmarks/gpu_suite.sh [OUT]          on the GPU (after `make venv ACCEL=cuda`)
 #   benchmarks/gpu_suite.sh --cpu-try OUT  the same programs at toy sizes, to try it on a CPU
@@ -30,7 +31,7 @@ run() {  # run NAME ARGS...: one benchmark, its last line (the JSON) into the su
   shift
   echo "== $name: $*" >&2
   local start=$SECONDS
-  "$py" "benchmarks/$1" "${@:2}" 2>&1 | tee "$out/$name.log" | grep -v '^\s*$' | tail -n 1 >>"$out/summary.jsonl"
+  "$py" "benchmarks/$1" "${@:2}" 2>"$out/$name.err" | tee "$out/$name.log" | tail -n 1 >>"$out/summary.jsonl"
   echo "== $name: $((SECONDS - start)) s" >&2
 }
 

@@ -39,10 +39,9 @@ from flax import nnx  # noqa: E402
 
 from distill_jax.config import base_config  # noqa: E402
 from distill_jax.methods import make_loss_fn, model_configs  # noqa: E402
-from distill_jax.models.attention import auto_impl  # noqa: E402
 from distill_jax.models.flux import Flux, FluxConfig  # noqa: E402
 from distill_jax.port.flux import abstract_flux  # noqa: E402
-from distill_jax.train import unrolled_flops  # noqa: E402
+from distill_jax.train import flop_counting, unrolled_flops  # noqa: E402
 
 MID = FluxConfig.mid().replace(time_scale=1.0)  # the rescaled teacher of sCM/MeanFlow (spec 2)
 BATCH, LATENT, CHANNELS, TEXT = 2, (64, 64), 16, 128  # 64 x 64 latent -> 1024 packed tokens
@@ -152,20 +151,13 @@ def step_flops(
 ) -> tuple[float, dict]:
     """``(FLOPs, how attention was counted)`` of the trainer's step of ``method`` (loss,
     gradient, clip, AdamW) on the mid-size model, from XLA's cost analysis of the lowered step
-    (:func:`distill_jax.train.unrolled_flops`; within 0.6% of the compiled program's count here).
-    Attention with loops (blockwise) is counted as loop-free attention, the same matmuls without
-    the tiles' padding: ``"plain"`` in both passes when they share one attention (the student
-    runs forward once), else ``"plain"`` and ``"xla"`` (two passes, as the program runs)."""
-    model = base_config().model
-    attn, jvp = attn_impl or model.attn_impl, jvp_attn_impl or model.jvp_attn_impl
-
-    def resolved(impl):
-        return auto_impl(jax.default_backend(), np.float32) if impl == "auto" else impl
-
-    one_pass = resolved(attn) == resolved(jvp)
-    counted = {"attn_impl": "plain", "jvp_attn_impl": "plain" if one_pass else "xla"}
-    config = mid_config(method, **counted)
-    return unrolled_flops(config, MID, *batch_and_aux()), {**counted, "one_pass": one_pass}
+    (:func:`distill_jax.train.unrolled_flops`, which counts every attention as plain einsums,
+    one student pass or two as the configured program runs: :func:`~distill_jax.train.
+    flop_counting`; within 0.6% of the compiled program's count here)."""
+    config = mid_config(method, jvp_attn_impl=jvp_attn_impl, attn_impl=attn_impl)
+    counted = flop_counting(config, MID.head_dim).model
+    how = {"attn_impl": counted.attn_impl, "jvp_attn_impl": counted.jvp_attn_impl}
+    return unrolled_flops(config, MID, *batch_and_aux()), how
 
 
 def flops_fields(

@@ -7,8 +7,9 @@ The configs of a real run (``configs/scm.py``, ``configs/flow_matching.py``: FLU
 and EMA), on synthetic 512 px latents (``--latent`` 64 x 64 x 16, 256 text tokens) and a random
 teacher. The trainer's own pieces build and place everything (``load_teacher``, ``make_setup``,
 ``make_input``), as ``distill-jax train`` does; the jitted step is timed over ``--steps`` steps
-after ``--warmup``. FLOPs per device per step are XLA's cost analysis of the compiled step
-(every block counted; the same figure the trainer logs as ``perf/tflops_per_device``), and MFU
+after ``--warmup``. FLOPs per device per step are the model's, from XLA's cost analysis with
+every block and attention counted (``distill_jax.train.unrolled_flops``: the figure behind the
+trainer's ``perf/tflops_per_device``; a fused kernel's custom call would count as nothing), MFU
 is achieved FLOP/s over the device's dense bfloat16 peak (``distill_jax.metrics.PEAK_TFLOPS``,
 or ``--peak-tflops``); on CPU there is no peak and MFU is left out. Prints a final JSON line.
 
@@ -93,7 +94,7 @@ def measure(method: str, args) -> dict:
             .compile()
         )
         compile_s = time.perf_counter() - start
-        flops = _flops(compiled, config, teacher_cfg, setup.student_cfg, batch, aux)
+        flops = _flops(config, teacher_cfg, batch, aux)
         for _ in range(args.warmup):
             state, metrics = compiled(state, setup.teacher_params, batch, aux, setup.root)
         jax.block_until_ready(metrics)

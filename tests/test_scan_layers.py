@@ -350,15 +350,27 @@ def test_dry_run_compiles_the_real_step_of_a_scanned_model():
     assert plan["activations_gib"] > 0
 
 
-def test_flops_of_a_scanned_step_count_every_block():
-    """XLA's cost analysis counts a scan's body once; unrolled_flops counts the unrolled step."""
-    config = tiny_scm(True, "blockwise")
-    cfg = abstract_teacher(config, *mesh_and_rules(config))[0]
-    assert cfg.scan_layers
+def test_flops_of_a_scanned_step_count_every_block_and_attention():
+    """XLA's cost analysis counts a scan's body once and the blockwise sweep as one tile;
+    unrolled_flops counts the unrolled step with plain attention, one student pass or two as the
+    configured program runs."""
     flops = lambda lowered: lowered.cost_analysis()["flops"]  # noqa: E731 (one device)
-    unrolled = flops(lower_step(tiny_scm(False, "blockwise")))
-    assert unrolled_flops(config, cfg, *abstract_inputs(config, cfg)) == pytest.approx(unrolled)
-    assert flops(lower_step(config)) < 0.9 * unrolled
+
+    def reference(jvp_attn_impl):  # unrolled, loop-free attention
+        c = tiny_scm(False, jvp_attn_impl)
+        c.model.attn_impl = "plain"
+        return flops(lower_step(c))
+
+    counts = []
+    for jvp_attn_impl, counted in (("blockwise", "plain"), ("xla", "xla")):
+        config = tiny_scm(True, jvp_attn_impl)  # attn_impl "auto": blockwise on CPU
+        cfg = abstract_teacher(config, *mesh_and_rules(config))[0]
+        assert cfg.scan_layers
+        counts.append(unrolled_flops(config, cfg, *abstract_inputs(config, cfg)))
+        assert counts[-1] == pytest.approx(reference(counted))
+        assert flops(lower_step(config)) < 0.9 * counts[-1]
+    one_pass, two_passes = counts
+    assert two_passes > 1.1 * one_pass  # the separate tangent pass's student forward
 
 
 def test_scanned_training_checkpoints_resumes_and_saves_its_student(tmp_path):
