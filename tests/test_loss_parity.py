@@ -16,6 +16,7 @@ weight p = 1), so its mean square error ``meanflow/mse`` and the gradients carry
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -187,15 +188,19 @@ def _call(model: Flux, d: dict, x, s, c, **kw):
 
 
 def jax_loss_fn(
-    w: World, case: Case, student_gd: nnx.GraphDef, tangent_gd: nnx.GraphDef
+    w: World, case: Case, student_gd: nnx.GraphDef, tangent_gd: nnx.GraphDef | None
 ) -> Callable[[nnx.State], tuple[jax.Array, dict]]:
     """``params -> (loss, metrics)``, wired as ``distill_jax.methods.make_loss_fn`` wires it: the
-    student's structure ``student_gd``, and ``tangent_gd`` for the tangent (JVP) pass."""
+    student's structure ``student_gd``, and ``tangent_gd`` for the tangent (JVP) pass (None:
+    one pass, the student's forward taken from the JVP's primal)."""
     d = {k: jnp.asarray(v) for k, v in w.data.items()}
     teacher = w.teacher
     cond = {"t5": d["txt"], "pooled": d["pooled"], "g": d["g"]}
     key = jax.random.key(0)  # unused: every random input is fixed
     kw = dict(case.switches)
+
+    def tangent_fn(student_fn):
+        return None if tangent_gd is None else functools.partial(student_fn, gd=tangent_gd)
 
     if case.method == "scm":
         logvar_time = kw.pop("logvar_time")
@@ -215,7 +220,7 @@ def jax_loss_fn(
             return losses.scm_loss(
                 student_fn, teacher_fn, d["x0"], key, step=SCM_STEP, cond=cond,
                 t=d["scm_t"], noise=d["noise"],
-                tangent_fn=lambda xh, t, c: student_fn(xh, t, c, gd=tangent_gd), **kw,
+                tangent_fn=tangent_fn(student_fn), **kw,
             )  # fmt: skip
 
         return loss_fn
@@ -233,7 +238,7 @@ def jax_loss_fn(
         return losses.meanflow_loss(
             student_fn, lambda z, t, c: _call(teacher, d, z, t, c), d["x0"], key, cond=cond,
             uncond=uncond, cfg_t_max=MF_CFG_T_MAX, r=d["r"], t=d["t"], noise=d["noise"],
-            drop=d["drop"], tangent_fn=lambda *a: student_fn(*a, gd=tangent_gd), **kw,
+            drop=d["drop"], tangent_fn=tangent_fn(student_fn), **kw,
         )  # fmt: skip
 
     return loss_fn
@@ -241,11 +246,12 @@ def jax_loss_fn(
 
 def jax_side(w: World, case: Case, tangent_impl: Any) -> Result:
     """Our loss, metrics and gradients: the student on XLA attention, its tangent pass on
-    ``tangent_impl`` (sharing the parameters)."""
+    ``tangent_impl`` (sharing the parameters; None: one pass on XLA attention)."""
     student = w.students[case.method]
     params = nnx.state(student, nnx.Param)
     student_gd, tangent_gd = (
-        nnx.split(abstract_flux(student.cfg, attn_impl=impl))[0] for impl in ("xla", tangent_impl)
+        None if impl is None else nnx.split(abstract_flux(student.cfg, attn_impl=impl))[0]
+        for impl in ("xla", tangent_impl)
     )
     loss_fn = jax_loss_fn(w, case, student_gd, tangent_gd)
     step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -322,6 +328,8 @@ def test_switches_change_the_gradients(results, method):
 @pytest.mark.parametrize("name", ["scm_paper", "meanflow_paper"])
 def test_tangent_pass_on_blockwise_or_xla_attention_gives_the_same_loss(results, name):
     """The tangent pass on blockwise attention (its own JVP rule; 4 tiles, the last one padded;
-    the trainer's default ``config.model.jvp_attn_impl``) and on XLA attention give the same
-    loss, metrics (``scm/tangent_norm``, ``meanflow/dudt_norm`` among them) and gradients."""
+    the trainer's default ``config.model.jvp_attn_impl``) and on XLA attention, and one pass
+    (the student's forward from the JVP's primal), give the same loss, metrics
+    (``scm/tangent_norm``, ``meanflow/dudt_norm`` among them) and gradients."""
     assert_same(results("jax", name, BLOCKWISE), results("jax", name, "xla"))
+    assert_same(results("jax", name, None), results("jax", name, "xla"))
