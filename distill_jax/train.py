@@ -55,7 +55,7 @@ from distill_jax.methods import (
     time_dtype,
 )
 from distill_jax.metrics import MetricWriter, peak_tflops
-from distill_jax.models.attention import auto_impl
+from distill_jax.models.attention import resolve_impl
 from distill_jax.models.flux import Flux, FluxConfig, relayout, reset_delta_embedder
 from distill_jax.sharding import (
     DEFAULT_RULES,
@@ -487,9 +487,8 @@ def train(
 
     teacher_cfg, teacher_params = load_teacher(config, mesh, rules, teacher)
     setup = make_setup(config, mesh, rules, teacher_cfg, teacher_params)
-    attn = config.model.attn_impl  # "auto" only on GPU here (resolve): cuDNN needs head_dim
-    if attn == "auto":
-        attn = auto_impl(jax.default_backend(), _dtype(config.model.dtype), teacher_cfg.head_dim)
+    # "auto" is left only on GPU by resolve: cuDNN needs the head dim
+    attn = resolve_impl(config.model.attn_impl, _dtype(config.model.dtype), teacher_cfg.head_dim)
     log.info("attention: %s forward and backward, %s tangent", attn, config.model.jvp_attn_impl)
     teacher_params, state_sh, init_fn, root = (
         setup.teacher_params,
@@ -679,13 +678,11 @@ def flop_counting(config, head_dim: int) -> ml_collections.ConfigDict:
     kernel's custom call (cuDNN, splash) as nothing. The copy runs the same matmuls in plain
     einsums: in both passes when they share one attention (one student forward per step), else
     plain and XLA's (two passes, as the configured program runs them)."""
-
-    def resolved(impl):
-        if impl == "auto":
-            return auto_impl(jax.default_backend(), _dtype(config.model.dtype), head_dim)
-        return impl
-
-    one_pass = resolved(config.model.attn_impl) == resolved(config.model.jvp_attn_impl)
+    attn, jvp = (
+        resolve_impl(impl, _dtype(config.model.dtype), head_dim)
+        for impl in (config.model.attn_impl, config.model.jvp_attn_impl)
+    )
+    one_pass = attn == jvp
     out = config.copy_and_resolve_references()
     out.model.attn_impl, out.model.jvp_attn_impl = "plain", "plain" if one_pass else "xla"
     return out

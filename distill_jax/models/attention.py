@@ -136,8 +136,7 @@ def _dispatch(q, k, v, impl):
         return hijax_attention(q, k, v, impl)
     if impl == "hijax":
         return hijax_attention(q, k, v)
-    if impl == "auto":
-        impl = auto_impl(jax.default_backend(), q.dtype, q.shape[-1])
+    impl = resolve_impl(impl, q.dtype, q.shape[-1])
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if impl == "plain":
@@ -172,6 +171,11 @@ def auto_impl(backend: str, dtype: jnp.dtype, head_dim: int | None = None) -> st
     if backend == "tpu":
         return "splash"
     return "blockwise" if backend == "cpu" else "xla"
+
+
+def resolve_impl(impl, dtype: jnp.dtype, head_dim: int | None = None):
+    """``impl``, with ``"auto"`` as :func:`auto_impl` picks it for the default backend."""
+    return auto_impl(jax.default_backend(), dtype, head_dim) if impl == "auto" else impl
 
 
 def _plain(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -359,9 +363,7 @@ class Hijax:
 def hijax_attention(q: jax.Array, k: jax.Array, v: jax.Array, op: Hijax = Hijax()) -> jax.Array:
     """Attention as one ``jax.experimental.hijax`` op (:class:`Hijax`). ``q, k, v``:
     ``[B, T, H, K]`` -> ``[B, T, H, K]``. No ``jax.vmap`` rule."""
-    fused = op.fused
-    if fused == "auto":
-        fused = auto_impl(jax.default_backend(), q.dtype, q.shape[-1])
+    fused = resolve_impl(op.fused, q.dtype, q.shape[-1])
     t = q.shape[1]
     tiles = (_tile(t, op.tangent.block_q), _tile(t, op.tangent.block_kv))
     pallas = isinstance(op.tangent, PallasTangent)

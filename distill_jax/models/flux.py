@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill_jax.models.attention import apply_rope, attention, auto_impl, rope_frequencies
+from distill_jax.models.attention import apply_rope, attention, resolve_impl, rope_frequencies
 from distill_jax.parameterization import quantize
 from distill_jax.sharding import axes, constrain
 
@@ -461,8 +461,8 @@ class Flux(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        if attn_impl == "auto":  # resolved now, so that equal structures have equal graphdefs
-            attn_impl = auto_impl(jax.default_backend(), dtype, cfg.head_dim)
+        # "auto" resolved now, so that equal structures have equal graphdefs
+        attn_impl = resolve_impl(attn_impl, dtype, cfg.head_dim)
         self.cfg, self.dtype, self.remat, self.time_dtype = cfg, dtype, remat, time_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.hidden
